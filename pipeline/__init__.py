@@ -1,0 +1,1 @@
+"""moma.pipeline: everything after tokens — corpus readers, shards, loader, model, training, CLI."""
