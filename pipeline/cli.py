@@ -10,6 +10,7 @@ and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable, Sequence
 
@@ -34,6 +35,39 @@ def _tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", default=None, help="pattern for a non-official .tiktoken file without sidecar")
     p.add_argument("--text", default="To be, or not to be: that is the question. <|boi|> is plain text here.")
     p.set_defaults(func=_cmd_show_text)
+
+    p = tsub.add_parser("train-image", help="train the image VQ tokenizer (resumable; DDP under torchrun)")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image directories, list files (.txt) or images; KIND:PATH for a shard source")
+    p.add_argument("--preset", default="tiny", help="tiny | base | chameleon")
+    p.add_argument("--quantizer", choices=["vq", "fsq"], default=None, help="override the preset's quantizer")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="end cleanly (final checkpoint) after this")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--eval-images", nargs="*", default=[], help="images for the reconstruction grids")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="architecture overrides, e.g. ch=32 codebook_size=4096")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_train_image)
+
+    p = tsub.add_parser("encode-image", help="one image -> codes.npy (uint32, raster order)")
+    p.add_argument("image")
+    p.add_argument("--tokenizer", required=True, help="train-image --out dir, checkpoint, or vqgan.ckpt")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_encode_image)
+
+    p = tsub.add_parser("decode-image", help="codes.npy -> image PNG")
+    p.add_argument("codes")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_decode_image)
+
+    p = tsub.add_parser("eval-image", help="PSNR/SSIM/codebook usage on images vs the bicubic baseline")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--grid", default=None, help="write originals / reconstructions / baseline as a PNG")
+    p.set_defaults(func=_cmd_eval_image)
 
 
 def _cmd_train_text(args: argparse.Namespace) -> int:
@@ -71,6 +105,114 @@ def show_text_tokenizer(tok: "TextTokenizer", sample: str) -> str:  # noqa: F821
     return "\n".join(lines)
 
 
+def parse_assignments(items: Sequence[str]) -> dict[str, object]:
+    """FIELD=VALUE pairs; values parsed as JSON when they can be (numbers, lists, booleans)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def resolve_image_inputs(specs: Sequence[str]) -> list:
+    from moma.tokenizers.image_preprocess import find_images
+
+    return list(find_images(list(specs)))
+
+
+def _cmd_train_image(args: argparse.Namespace) -> int:
+    from moma.tokenizers.vq_train import ImageTrainConfig, train_image_tokenizer
+
+    overrides = parse_assignments(args.set)
+    if args.quantizer:
+        overrides["quantizer"] = args.quantizer
+    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    cfg = ImageTrainConfig(preset=args.preset, overrides=overrides, steps=args.steps, max_minutes=args.max_minutes,
+                           **extra)
+    sources = resolve_image_inputs(args.images)
+    if not sources:
+        raise ValueError(f"no images found in {args.images}")
+    train_image_tokenizer(sources, args.out, cfg, eval_sources=resolve_image_inputs(args.eval_images))
+    return 0
+
+
+def _cmd_encode_image(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from moma.tokenizers.image_preprocess import load_image
+    from moma.tokenizers.image_tokenizer import ImageTokenizer
+
+    tok = ImageTokenizer.load(args.tokenizer)
+    codes = tok.encode([load_image(args.image, tok.resolution)])[0]
+    np.save(args.out, codes)
+    print(f"{args.image} -> {args.out}: {codes.size} codes of {tok.identity.short()} "
+          f"({tok.cfg.grid}x{tok.cfg.grid}, range [{codes.min()}, {codes.max()}])")
+    return 0
+
+
+def _cmd_decode_image(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from moma.tokenizers.image_tokenizer import ImageTokenizer
+
+    tok = ImageTokenizer.load(args.tokenizer)
+    try:
+        codes = np.load(args.codes, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{args.codes}: not a .npy array of codes ({e})") from None
+    Image.fromarray(tok.decode(codes.reshape(1, -1))[0]).save(args.out)
+    print(f"{args.codes} -> {args.out} ({tok.resolution}x{tok.resolution})")
+    return 0
+
+
+def _cmd_eval_image(args: argparse.Namespace) -> int:
+    from moma.tokenizers.image_eval import evaluate_image_tokenizer
+    from moma.tokenizers.image_tokenizer import ImageTokenizer
+
+    tok = ImageTokenizer.load(args.tokenizer)
+    report = evaluate_image_tokenizer(tok, resolve_image_inputs(args.images), grid_path=args.grid)
+    print(json.dumps(report))
+    return 0
+
+
+def _model_commands(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="model presets: parameters, active parameters and FLOPs per token")
+    msub = model.add_subparsers(dest="model_cmd", required=True, metavar="COMMAND")
+    p = msub.add_parser("info", help="print the accounting of a preset (or of every preset with --all)")
+    p.add_argument("--preset", default="tiny", help="tiny | 90m | 435m | 1.4b")
+    p.add_argument("--ffn", default="moma_4t4i", help="dense | moe_8x | moma_1t1i | moma_4t4i | moma_<N>t<M>i")
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--image-offset", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--all", action="store_true", help="every size x the paper's FFN variants, as a table")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_model_info)
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from moma.pipeline.model.accounting import count, describe
+    from moma.pipeline.model.config import FFN_VARIANTS, SIZES, preset
+
+    if args.all:
+        print(f"{'preset':8} {'ffn':11} {'total':>9} {'active text':>12} {'active image':>13} {'GFLOP/token':>12}")
+        for size in SIZES:
+            for ffn in FFN_VARIANTS:
+                acc = count(preset(size, ffn=ffn), args.seq_len)
+                print(f"{size:8} {ffn:11} {acc.total_params / 1e6:8.1f}M {acc.active_params['text'] / 1e6:11.1f}M "
+                      f"{acc.active_params['image'] / 1e6:12.1f}M {acc.flops_per_token['text'] / 1e9:12.3f}")
+        return 0
+    cfg = preset(args.preset, ffn=args.ffn, vocab_size=args.vocab_size, image_offset=args.image_offset)
+    acc = count(cfg, args.seq_len)
+    print(json.dumps({"config": cfg.to_json(), **acc.as_dict()}) if args.json else describe(cfg, acc))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moma",
@@ -78,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _tokenizer_commands(sub)
+    _model_commands(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The MoMa model: config and presets, transformer, FFN variants, routers, accounting."""

@@ -1,0 +1,144 @@
+"""Model configuration and presets: one dataclass, the paper's sizes, every FFN variant.
+
+FFN variants (the paper's names; experts are each the size of the dense FFN):
+  dense        one SwiGLU FFN
+  moe_Nx       N experts over all tokens, learned routing (moe_8x in the paper)
+  moma_1t1i    one FFN per modality, tokens routed by modality only
+  moma_NtMi    N text experts and M image experts; learned routing inside each modality group
+
+    moma model info --preset 1.4b --ffn moma_4t4i
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+FFN_PATTERN = re.compile(r"^(dense|moe_(?P<n>\d+)x|moma_(?P<t>\d+)t(?P<i>\d+)i)$")
+ROUTERS = ("expert_choice", "token_choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNSpec:
+    """Parsed FFN variant: the expert groups and whether routing inside them is learned."""
+
+    kind: str  # "dense" | "moe" | "moma"
+    groups: tuple[tuple[str, int], ...] = ()  # ("all", 8) | (("text", 4), ("image", 4))
+
+    @property
+    def learned_routing(self) -> bool:
+        return any(n > 1 for _, n in self.groups) or self.kind == "moe"
+
+    @property
+    def num_experts(self) -> int:
+        return sum(n for _, n in self.groups)
+
+
+def parse_ffn(name: str) -> FFNSpec:
+    m = FFN_PATTERN.match(name)
+    if not m:
+        raise ValueError(f"unknown FFN variant {name!r}: use dense, moe_<N>x, moma_1t1i or moma_<N>t<M>i")
+    if name == "dense":
+        return FFNSpec("dense")
+    if m.group("n"):
+        n = int(m.group("n"))
+        if n < 1:
+            raise ValueError(f"{name}: need at least one expert")
+        return FFNSpec("moe", (("all", n),))
+    t, i = int(m.group("t")), int(m.group("i"))
+    if t < 1 or i < 1:
+        raise ValueError(f"{name}: each modality group needs at least one expert")
+    return FFNSpec("moma", (("text", t), ("image", i)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int  # the unified vocabulary (text + controls + image codes)
+    image_offset: int  # first image-code id: a token is an image token iff id >= image_offset
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 512  # SwiGLU hidden size of the dense FFN and of each expert
+    ffn: str = "moma_4t4i"
+    router: str = "expert_choice"  # learned routing inside a group: expert_choice | token_choice
+    capacity_factor: float = 1.0  # EC: expert takes ceil(b_M * cf / |E_M|) tokens; TC: slots per expert
+    token_choice_k: int = 1
+    token_choice_score: str = "softmax"  # softmax | sigmoid
+    aux_loss_weight: float = 0.01  # token choice's load-balancing loss; expert choice has none
+    z_loss_weight: float = 1e-5  # PaLM's z-loss on the output logits; 0 disables it
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    pad_vocab_multiple: int = 64  # embedding/output rows padded for efficient matmuls
+
+    def __post_init__(self) -> None:
+        spec = parse_ffn(self.ffn)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head dimension must be even (RoPE rotates pairs)")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.token_choice_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"token_choice_score must be softmax or sigmoid, got {self.token_choice_score!r}")
+        if spec.learned_routing and self.router == "token_choice":
+            smallest = min(n for _, n in spec.groups)
+            if not 1 <= self.token_choice_k <= smallest:
+                raise ValueError(f"token_choice_k {self.token_choice_k} must be in [1, {smallest}] for {self.ffn}")
+        if self.capacity_factor <= 0:
+            raise ValueError("capacity_factor must be > 0")
+        if not 0 < self.image_offset <= self.vocab_size:
+            raise ValueError(f"image_offset {self.image_offset} must lie in (0, vocab_size {self.vocab_size}]")
+
+    @property
+    def ffn_spec(self) -> FFNSpec:
+        return parse_ffn(self.ffn)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {unknown}")
+        return cls(**data)
+
+
+# Table 5 of the paper (layers / d_model / ffn hidden / heads) plus a CPU-sized one.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layers=4, d_model=128, ffn_hidden=512, n_heads=4, max_seq_len=512),
+    "90m": dict(n_layers=8, d_model=512, ffn_hidden=2048, n_heads=8, max_seq_len=4096),
+    "435m": dict(n_layers=24, d_model=1024, ffn_hidden=4096, n_heads=16, max_seq_len=4096),
+    "1.4b": dict(n_layers=24, d_model=2048, ffn_hidden=8192, n_heads=16, max_seq_len=4096),
+}
+# Default vocabularies for `model info` when no tokenizers are given: the demo's for tiny,
+# Chameleon's 65,536 (of which 8,192 image codes) for the paper's sizes.
+DEFAULT_VOCAB = {"tiny": (4096, 1024), "90m": (57344, 8192), "435m": (57344, 8192), "1.4b": (57344, 8192)}
+FFN_VARIANTS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i")
+
+
+def preset(size: str, ffn: str = "moma_4t4i", vocab_size: int | None = None, image_offset: int | None = None,
+           **overrides: Any) -> ModelConfig:
+    """A named size with an FFN variant; vocab defaults to the size's default text + image split."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model preset {size!r}; choose one of {sorted(SIZES)}")
+    if vocab_size is None:
+        text, image = DEFAULT_VOCAB[size]
+        vocab_size, image_offset = text + image, text
+    fields = {**SIZES[size], **overrides}
+    return ModelConfig(vocab_size=vocab_size, image_offset=image_offset if image_offset is not None else vocab_size,
+                       ffn=ffn, **fields)

@@ -1,0 +1,114 @@
+"""The feed-forward half of a block: the only place the variants differ.
+
+dense      SwiGLU
+moma_1t1i  one SwiGLU per modality; each token goes through its own modality's FFN
+moe_Nx     one DeepSpeed MoE layer over all tokens with a learned router
+moma_NtMi  one DeepSpeed MoE layer per modality group; a group sees only its modality's tokens
+
+The MoE layers are DeepSpeed's own (``deepspeed.moe.layer.MoE``: its Experts container, its
+MOELayer dispatch and all-to-all, its per-expert checkpoint files) with our router swapped in as
+the gate. `ep_size` only decides how many experts each rank holds; DeepSpeed creates the process
+groups when the engine is initialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moma.pipeline.model.config import ModelConfig
+from moma.pipeline.model.routing import ExpertChoiceGate, TokenChoiceGate
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DenseFFN(SwiGLU):
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+class ModalityFFN(nn.Module):
+    """moma_1t1i: fixed routing by modality, no learned router."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.text_ffn = SwiGLU(d_model, hidden)
+        self.image_ffn = SwiGLU(d_model, hidden)
+
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        flat, img = x.reshape(-1, x.shape[-1]), is_image.reshape(-1)
+        out = torch.empty_like(flat)
+        for ffn, mask in ((self.text_ffn, ~img), (self.image_ffn, img)):
+            idx = mask.nonzero().squeeze(1)
+            out.index_copy_(0, idx, ffn(flat.index_select(0, idx)))
+        return out.view_as(x)
+
+
+def build_moe(cfg: ModelConfig, num_experts: int, ep_size: int) -> nn.Module:
+    """A DeepSpeed MoE layer of `num_experts` SwiGLU experts with our gate."""
+    from deepspeed.moe.layer import MoE
+
+    if num_experts % ep_size:
+        raise ValueError(f"{num_experts} experts in a group cannot be split over expert-parallel size {ep_size}")
+    moe = MoE(hidden_size=cfg.d_model, expert=SwiGLU(cfg.d_model, cfg.ffn_hidden), num_experts=num_experts,
+              ep_size=ep_size, k=1, min_capacity=0, use_rts=False)
+    if cfg.router == "expert_choice":
+        gate: nn.Module = ExpertChoiceGate(cfg.d_model, num_experts, cfg.capacity_factor)
+    else:
+        gate = TokenChoiceGate(cfg.d_model, num_experts, cfg.capacity_factor, cfg.token_choice_k,
+                               cfg.token_choice_score)
+    moe.deepspeed_moe.gate = gate  # MoE() takes no gate argument; replace before deepspeed.initialize
+    return moe
+
+
+class GroupedMoEFFN(nn.Module):
+    """moe_Nx (one group, "all") or moma_NtMi (a "text" and an "image" group)."""
+
+    def __init__(self, cfg: ModelConfig, ep_size: int) -> None:
+        super().__init__()
+        self.group_names = [name for name, _ in cfg.ffn_spec.groups]
+        for name, n in cfg.ffn_spec.groups:
+            # "<group>_moe", never "...expert...": DeepSpeed files every MoE-module key containing
+            # "expert" into the per-expert checkpoints.
+            self.add_module(f"{name}_moe", build_moe(cfg, n, ep_size))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        flat, img = x.reshape(-1, x.shape[-1]), is_image.reshape(-1)
+        out = torch.zeros_like(flat)
+        aux = flat.new_zeros((), dtype=torch.float32)
+        for name in self.group_names:
+            member = None if name == "all" else (img if name == "image" else ~img)
+            y, l_aux, _ = getattr(self, f"{name}_moe")(flat, member.to(flat.dtype) if member is not None else None)
+            out = out + y
+            aux = aux + l_aux
+        self.aux_loss = aux
+        return out.view_as(x)
+
+    @staticmethod
+    def moe_type() -> type:
+        from deepspeed.moe.layer import MoE
+
+        return MoE
+
+    def gates(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, f"{name}_moe").deepspeed_moe.gate for name in self.group_names}
+
+
+def build_ffn(cfg: ModelConfig, ep_size: int = 1) -> nn.Module:
+    spec = cfg.ffn_spec
+    if spec.kind == "dense":
+        return DenseFFN(cfg.d_model, cfg.ffn_hidden)
+    if spec.kind == "moma" and not spec.learned_routing:  # moma_1t1i
+        return ModalityFFN(cfg.d_model, cfg.ffn_hidden)
+    return GroupedMoEFFN(cfg, ep_size)

@@ -1,0 +1,190 @@
+"""Chameleon-style early-fusion decoder over one token stream of text BPE and image VQ codes.
+
+Pre-norm blocks: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h), modality). Attention is shared
+by both modalities (RoPE, QK-norm, causal SDPA); only the FFN differs between the variants
+(ffn.py). A token's modality is a function of its id (id >= image_offset), so the batch carries
+nothing else. The model knows no process groups: `ep_size` only sets how many experts each rank
+holds, and DeepSpeed wires the rest (training/engine.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moma.pipeline.model.config import ModelConfig
+from moma.pipeline.model.ffn import GroupedMoEFFN, build_ffn
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D]: rotate consecutive pairs (x0, x1) of each head by position-dependent angles."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[: x.shape[2]], sin[: x.shape[2]]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # QK-norm (Chameleon): normalising queries and keys per head keeps logits bounded when
+        # the two modalities' activations differ in scale.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, l, d = x.shape
+        q, k, v = (w(x).view(b, l, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, l, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_size: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = build_ffn(cfg, ep_size)
+
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.ffn(self.ffn_norm(h), is_image)
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    loss: torch.Tensor  # what backward() sees: mean CE + z-loss + router aux loss
+    ce_sum: dict[str, torch.Tensor]  # summed CE by target modality ("text", "image"), detached
+    tokens: dict[str, torch.Tensor]  # counted targets by modality
+    z_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ep_size = ep_size
+        self.tok_embeddings = nn.Embedding(cfg.padded_vocab, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, ep_size) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                return_logits: bool = False) -> ModelOutput:
+        if input_ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
+        is_image = input_ids >= self.cfg.image_offset
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, is_image, self.rope_cos, self.rope_sin)
+        logits = self.output(self.norm(h)).float()
+        logits = logits[..., : self.cfg.vocab_size]  # padded rows are never predicted
+        aux = sum((layer.ffn.aux_loss for layer in self.layers if isinstance(layer.ffn, GroupedMoEFFN)),
+                  torch.zeros((), device=h.device))
+        if labels is None:
+            zero = torch.zeros((), device=h.device)
+            return ModelOutput(loss=zero, ce_sum={}, tokens={}, z_loss=zero, aux_loss=aux, logits=logits)
+        return self._loss(logits, labels, aux, return_logits)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor,
+              return_logits: bool) -> ModelOutput:
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        valid = flat_labels != IGNORE_INDEX
+        ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="none")
+        n = valid.sum().clamp(min=1)
+        loss = ce.sum() / n
+        z_loss = torch.zeros((), device=logits.device)
+        if self.cfg.z_loss_weight > 0:
+            # PaLM's z-loss: keeps log Z of the softmax near 0, which stabilises large-vocab training.
+            z_loss = (torch.logsumexp(flat_logits, dim=-1).pow(2) * valid).sum() / n
+        image_target = (flat_labels >= self.cfg.image_offset) & valid
+        text_target = valid & ~image_target
+        total = loss + self.cfg.z_loss_weight * z_loss + self.cfg.aux_loss_weight * aux
+        return ModelOutput(
+            loss=total,
+            ce_sum={"text": (ce * text_target).sum().detach(), "image": (ce * image_target).sum().detach()},
+            tokens={"text": text_target.sum(), "image": image_target.sum()},
+            z_loss=z_loss.detach(), aux_loss=aux.detach() if torch.is_tensor(aux) else torch.tensor(aux),
+            logits=logits if return_logits else None)
+
+    # --- initialisation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int, ep_rank: int = 0) -> None:
+        """Deterministic, layout-independent init: each tensor is drawn from a generator seeded by
+        (seed, its *global* name), where an expert's name carries its global expert index. The same
+        seed gives the same global model for any expert-parallel size, and experts start distinct."""
+        local_counts = {prefix: m.num_local_experts for prefix, m in self.named_modules()
+                        if isinstance(m, GroupedMoEFFN.moe_type())}
+        for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
+            moe_prefix = name.split(".deepspeed_moe.", 1)[0]
+            canonical = global_param_name(name, ep_rank, local_counts.get(moe_prefix))
+            digest = hashlib.sha256(f"{seed}:{canonical}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+            if name.endswith("norm.weight"):
+                values = torch.ones(param.shape)
+            else:
+                std = self.cfg.init_std
+                if name.endswith(("wo.weight", "w2.weight")):
+                    std = std / (2 * self.cfg.n_layers) ** 0.5  # GPT-2's scaled init of residual outputs
+                values = torch.randn(param.shape, generator=gen) * std
+            param.copy_(values.to(param.dtype))
+
+    def moe_gates(self) -> dict[str, nn.Module]:
+        """layer.group -> gate, for routing statistics."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.ffn, GroupedMoEFFN):
+                out.update({f"{i}.{g}": gate for g, gate in layer.ffn.gates().items()})
+        return out
+
+
+EXPERT_MARK = ".deepspeed_experts."
+
+
+def global_param_name(name: str, ep_rank: int, num_local: int | None = None) -> str:
+    """Rewrite a local expert index in a parameter name to the global one (ep_rank * local + i)."""
+    if EXPERT_MARK not in name:
+        return name
+    head, tail = name.split(EXPERT_MARK, 1)
+    local, rest = tail.split(".", 1)
+    if num_local is None:
+        raise ValueError("num_local is needed to globalise an expert parameter name")
+    return f"{head}{EXPERT_MARK}{ep_rank * num_local + int(local)}.{rest}"

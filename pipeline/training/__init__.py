@@ -1,0 +1,1 @@
+"""Training: DeepSpeed wiring, checkpoints, metrics, the train loop."""

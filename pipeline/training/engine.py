@@ -1,0 +1,152 @@
+"""The one place where parallelism is wired: process groups, expert placement, the DeepSpeed engine.
+
+    dist = init_distributed()                          # deepspeed / torchrun / srun environments
+    ep_rank = expert_parallel_rank(ep_size)            # DeepSpeed's expert + expert-data groups
+    model = build_model(model_cfg, ep_size, seed, ep_rank)
+    engine = initialize_engine(model, ds_config, lr_lambda)
+
+The model code knows nothing of this: it only holds `E / ep_size` experts per MoE layer.
+DeepSpeed's MoE machinery does the rest: its expert-parallel and expert-data-parallel groups
+(created here through DeepSpeed's own function, before the engine, so that experts can be
+initialised by their *global* index), MoE parameter groups for the ZeRO optimizer
+(`split_params_into_different_moe_groups_for_optimizer`), and per-expert checkpoint files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import torch
+
+from moma.pipeline.model.config import ModelConfig
+from moma.pipeline.model.transformer import Transformer
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout DeepSpeed would reject (or crash on) later: caught before any process group."""
+
+
+def check_parallel_layout(cfg: ModelConfig, ep_size: int, world_size: int, zero_stage: int) -> None:
+    """Refuse layouts that cannot work, with the reason, before anything is launched."""
+    spec = cfg.ffn_spec
+    uses_moe = spec.kind != "dense" and spec.learned_routing
+    if ep_size < 1:
+        raise ParallelConfigError(f"expert-parallel size must be >= 1, got {ep_size}")
+    if world_size % ep_size:
+        raise ParallelConfigError(f"world size {world_size} is not a multiple of expert-parallel size {ep_size}")
+    if ep_size > 1 and not uses_moe:
+        raise ParallelConfigError(f"expert-parallel size {ep_size} needs a learned-routing MoE FFN; {cfg.ffn} has "
+                                  f"no DeepSpeed MoE layers (use ep_size 1)")
+    for group, n in spec.groups if uses_moe else ():
+        if n % ep_size:
+            raise ParallelConfigError(f"{cfg.ffn}: the {group} group's {n} experts cannot be split evenly over "
+                                      f"expert-parallel size {ep_size} (num_experts % ep_size = {n % ep_size})")
+    if uses_moe and zero_stage == 3:
+        raise ParallelConfigError("ZeRO stage 3 does not support DeepSpeed's native MoE layers (DeepSpeed refuses "
+                                  "them at initialisation): use ZeRO stage 1 or 2")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ParallelConfigError(f"unknown ZeRO stage {zero_stage}")
+
+
+def configure_accelerator() -> None:
+    """DeepSpeed picks its accelerator at import; on a machine without CUDA make it the CPU (quietly)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the deepspeed launcher / torchrun (RANK...) or srun (SLURM_*)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    if "SLURM_PROCID" in os.environ:
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_NTASKS", "1")),
+                int(os.environ.get("SLURM_LOCALID", "0")))
+    return 0, 1, 0
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPUs)."""
+    configure_accelerator()
+    import deepspeed
+
+    rank, world, local = launch_env()
+    if "RANK" not in os.environ:  # srun or a bare single process: export what torch.distributed reads
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"))
+    return DistInfo(rank=rank, world_size=world, local_rank=local,
+                    device=torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def expert_group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"  # the name deepspeed.moe.layer.MoE gives its expert group
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """Create DeepSpeed's expert-parallel / expert-data-parallel groups for `ep_size` (if not yet)
+    and return this rank's index inside its expert-parallel group."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if not dist.is_initialized():
+        if ep_size != 1:
+            raise RuntimeError("expert parallelism needs torch.distributed to be initialised")
+        return 0
+    name = expert_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_rank(name)
+
+
+def build_model(cfg: ModelConfig, ep_size: int = 1, seed: int = 0, ep_rank: int = 0,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    model = Transformer(cfg, ep_size=ep_size)
+    model.init_weights(seed, ep_rank=ep_rank)
+    return model.to(device=device, dtype=dtype)
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices, not norms; then DeepSpeed splits expert parameters into their own groups
+    (reduced over the expert-data-parallel group instead of the data-parallel group)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+
+
+def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float = 0.0,
+                      lr_lambda: Callable[[int], float] | None = None) -> Any:
+    """deepspeed.initialize with MoE parameter groups; the optimizer comes from ds_config['optimizer']."""
+    import deepspeed
+
+    params = optimizer_param_groups(model, weight_decay)
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda or (lambda step: 1.0))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                           lr_scheduler=scheduler)
+    return engine

@@ -1,0 +1,194 @@
+"""The MoMa transformer on one process: routing invariants against a naive reference, token-choice
+routing, losses by modality, deterministic init, presets vs accounting, layout checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moma.pipeline.model.accounting import count
+from moma.pipeline.model.config import FFN_VARIANTS, SIZES, ModelConfig, parse_ffn, preset
+from moma.pipeline.model.ffn import GroupedMoEFFN
+from moma.pipeline.model.routing import ExpertChoiceGate, TokenChoiceGate
+from moma.pipeline.model.transformer import IGNORE_INDEX, Transformer
+from moma.pipeline.training.engine import ParallelConfigError, build_model, check_parallel_layout, configure_accelerator
+
+configure_accelerator()
+
+
+def small(ffn: str = "moma_4t4i", **kw: object) -> ModelConfig:
+    return ModelConfig(vocab_size=300, image_offset=200, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48, ffn=ffn,
+                       max_seq_len=64, **kw)
+
+
+def mixed_ids(b: int = 2, l: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 200, (b, l), generator=g)
+    ids[:, 5:15] = torch.randint(200, 300, (b, 10), generator=g)
+    return ids
+
+
+def naive_grouped_ffn(ffn: GroupedMoEFFN, x: torch.Tensor, is_image: torch.Tensor, cf: float) -> torch.Tensor:
+    """Expert choice written the obvious way: per group, per expert, its top-k tokens, one at a time."""
+    flat, img = x.reshape(-1, x.shape[-1]), is_image.reshape(-1)
+    out = torch.zeros_like(flat)
+    for name in ffn.group_names:
+        moe = getattr(ffn, f"{name}_moe")
+        member = torch.ones_like(img) if name == "all" else (img if name == "image" else ~img)
+        experts = moe.deepspeed_moe.experts.deepspeed_experts
+        scores = torch.sigmoid(flat @ moe.deepspeed_moe.gate.wg.weight.t())
+        members = member.nonzero().squeeze(1).tolist()
+        k = min(len(members), math.ceil(len(members) * cf / len(experts)))
+        for j, expert in enumerate(experts):
+            chosen = sorted(members, key=lambda t: -float(scores[t, j].detach()))[:k]
+            for t in chosen:
+                out[t] += scores[t, j] * expert(flat[t:t + 1])[0]
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("ffn,cf", [("moma_4t4i", 1.0), ("moma_2t3i", 1.5), ("moe_8x", 1.0), ("moma_1t2i", 0.5)])
+def test_expert_choice_matches_naive_reference(ffn: str, cf: float) -> None:
+    model = build_model(small(ffn, capacity_factor=cf), seed=1)
+    layer = model.layers[0].ffn
+    x = torch.randn(2, 24, 32)
+    is_image = mixed_ids() >= 200
+    assert torch.allclose(layer(x, is_image), naive_grouped_ffn(layer, x, is_image, cf), atol=1e-5)
+
+
+def test_expert_choice_invariants() -> None:
+    gate = ExpertChoiceGate(16, 4, capacity_factor=1.0)
+    x = torch.randn(50, 16, requires_grad=True)
+    member = torch.zeros(50)
+    member[::3] = 1  # 17 tokens of this group's modality
+    _, capacity, e, indices, locations, gates, counts = gate(x, member)
+    k = math.ceil(17 / 4)
+    assert capacity == k and e == 4
+    assert (indices[:, member == 0] == -1).all()  # no token of the other modality reaches this group
+    for j in range(4):
+        chosen = indices[j] == j
+        assert int(chosen.sum()) == k  # each expert takes exactly its capacity
+        assert sorted(locations[j][chosen].tolist()) == list(range(k))
+        assert ((gates[j][chosen] > 0) & (gates[j][chosen] < 1)).all() and (gates[j][~chosen] == 0).all()
+    assert counts.tolist() == [k] * 4
+    gates.sum().backward()
+    assert gate.wg.weight.grad is not None and gate.wg.weight.grad.abs().sum() > 0  # gradients reach the router
+    stats = gate.last_stats
+    assert float(stats["picked_0"] + stats["picked_1"] + stats["picked_2plus"]) == pytest.approx(1.0)
+
+
+def test_expert_choice_with_no_tokens_of_its_modality_still_touches_the_router() -> None:
+    gate = ExpertChoiceGate(8, 2, 1.0)
+    _, capacity, _, indices, _, gates, _ = gate(torch.randn(10, 8), torch.zeros(10))
+    assert capacity == 1 and (indices == -1).all()  # buffers of >= 1 slot, all empty
+    gates.sum().backward()
+    assert gate.wg.weight.grad is not None  # ZeRO needs the same gradient set on every rank
+
+
+@pytest.mark.parametrize("score,k", [("softmax", 1), ("softmax", 2), ("sigmoid", 2)])
+def test_token_choice_routing(score: str, k: int) -> None:
+    gate = TokenChoiceGate(16, 4, capacity_factor=1.0, k=k, score=score)
+    x = torch.randn(40, 16)
+    member = (torch.arange(40) % 2).float()
+    l_aux, capacity, _, indices, locations, gates, counts = gate(x, member)
+    assert indices.shape == (k, 40)
+    assert (indices[:, member == 0] == -1).all()
+    assert capacity == math.ceil(20 * k / 4)
+    for j in range(4):  # slots unique and within capacity
+        slots = locations[indices == j]
+        assert slots.unique().numel() == slots.numel() and (slots < capacity).all()
+        assert int((indices == j).sum()) == int(counts[j]) <= capacity
+    assert l_aux > 0 and (gates[indices == -1] == 0).all()
+
+
+def test_losses_by_modality_and_ignored_labels() -> None:
+    model = build_model(small(), seed=0)
+    ids = mixed_ids()
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[0, :3] = IGNORE_INDEX
+    out = model(ids, labels)
+    valid = labels != IGNORE_INDEX
+    assert int(out.tokens["image"]) == int(((labels >= 200) & valid).sum())
+    assert int(out.tokens["text"] + out.tokens["image"]) == int(valid.sum())
+    ce = (out.ce_sum["text"] + out.ce_sum["image"]) / valid.sum()
+    expected = ce + model.cfg.z_loss_weight * out.z_loss
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert out.logits is None and model(ids).logits.shape == (2, 24, 300)
+
+
+def test_init_is_deterministic_and_experts_start_distinct() -> None:
+    a, b = build_model(small(), seed=3), build_model(small(), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    experts = a.layers[0].ffn.text_moe.deepspeed_moe.experts.deepspeed_experts
+    assert not torch.equal(experts[0].w1.weight, experts[1].w1.weight)
+    c = build_model(small(), seed=4)
+    assert not torch.equal(a.tok_embeddings.weight, c.tok_embeddings.weight)
+
+
+def test_training_steps_reduce_loss_for_every_variant() -> None:
+    for ffn in ("dense", "moe_8x", "moma_1t1i", "moma_4t4i"):
+        model = build_model(small(ffn), seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        ids = mixed_ids(4, 32)
+        labels = ids.roll(-1, 1)
+        losses = []
+        for _ in range(15):
+            out = model(ids, labels)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            losses.append(out.loss.item())
+        assert losses[-1] < 0.8 * losses[0], ffn
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_preset_builds_and_matches_the_accounting(size: str) -> None:
+    for ffn in FFN_VARIANTS:
+        cfg = preset(size, ffn=ffn)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        acc = count(cfg)
+        assert n == acc.total_params, (size, ffn)
+        assert acc.active_params["text"] <= acc.total_params
+        if ffn == "dense":
+            dense = acc
+    moma = count(preset(size, ffn="moma_4t4i"))
+    # equal active FLOPs per token (capacity factor 1): MoMa 4t4i costs dense + its routers
+    routers = SIZES[size]["n_layers"] * 4 * SIZES[size]["d_model"]
+    assert moma.active_params["text"] == dense.active_params["text"] + routers
+
+
+def test_paper_sizes() -> None:
+    d, h, layers = 2048, 8192, 24
+    acc = count(preset("1.4b", ffn="dense"))
+    matrices = layers * (4 * d * d + 3 * d * h)  # 1.61 B in attention and FFN matrices
+    assert acc.total_params - 2 * acc.embedding_params == matrices + layers * (2 * d + 2 * 128) + d
+    assert count(preset("1.4b", ffn="moma_4t4i")).expert_params == 8 * layers * 3 * d * h
+
+
+def test_layout_checks_refuse_before_launch() -> None:
+    cfg = small("moma_4t4i")
+    check_parallel_layout(cfg, ep_size=2, world_size=2, zero_stage=2)
+    with pytest.raises(ParallelConfigError, match="num_experts % ep_size"):
+        check_parallel_layout(small("moma_4t3i"), ep_size=2, world_size=2, zero_stage=1)
+    with pytest.raises(ParallelConfigError, match="ZeRO stage 3"):
+        check_parallel_layout(cfg, ep_size=1, world_size=2, zero_stage=3)
+    with pytest.raises(ParallelConfigError, match="not a multiple"):
+        check_parallel_layout(cfg, ep_size=4, world_size=2, zero_stage=1)
+    with pytest.raises(ParallelConfigError, match="needs a learned-routing MoE"):
+        check_parallel_layout(small("dense"), ep_size=2, world_size=2, zero_stage=1)
+    check_parallel_layout(small("dense"), ep_size=1, world_size=2, zero_stage=3)  # dense may use ZeRO-3
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="unknown FFN variant"):
+        parse_ffn("moma_4x4")
+    with pytest.raises(ValueError, match="token_choice_k"):
+        small("moma_2t2i", router="token_choice", token_choice_k=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("7b")
+    with pytest.raises(ValueError, match="unknown model config fields"):
+        ModelConfig.from_json({**small().to_json(), "n_expert": 3})
