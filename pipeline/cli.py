@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Callable, Sequence
 
+from moma.pipeline.errors import MomaError
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -213,6 +215,109 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards_commands(sub: argparse._SubParsersAction) -> None:
+    shards = sub.add_parser("shards", help="build WebDataset shards of token documents, merge, inspect")
+    ssub = shards.add_subparsers(dest="shards_cmd", required=True, metavar="COMMAND")
+    p = ssub.add_parser("build", help="sources -> tokenized documents -> tars + manifest (parallel, resumable)")
+    p.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
+                   help="coco | folder | img2dataset | parquet | llava | obelics | mmc4 | text, then a path "
+                        "(file, directory or glob); repeat for several sources")
+    p.add_argument("--text-tokenizer", required=True)
+    p.add_argument("--image-tokenizer", default=None, help="required unless every source is text")
+    p.add_argument("--text-pattern", default=None, help="pre-tokenisation pattern for a bare .tiktoken file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1, help="local processes running partitions")
+    p.add_argument("--partition", type=int, default=None, help="run only this partition (a SLURM array task)")
+    p.add_argument("--num-partitions", type=int, default=16)
+    p.add_argument("--prefix", default="data")
+    p.add_argument("--max-docs-per-shard", type=int, default=10_000)
+    p.add_argument("--max-mb-per-shard", type=float, default=1000.0)
+    p.add_argument("--order", choices=["image-first", "text-first", "random"], default="image-first",
+                   help="caption pairs: which segment comes first (random: per document, seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coco-captions", choices=["each", "all"], default="each",
+                   help="COCO: a document per caption, or one per image with all its captions")
+    p.add_argument("--coco-images", default=None, help="COCO image folder (default: found beside the JSON)")
+    p.add_argument("--image-column", default=None)
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--text-field", default="text", help="JSONL text-only sources: the text field")
+    p.add_argument("--mmc4-images", default=None)
+    p.add_argument("--max-reject-fraction", type=float, default=None,
+                   help="fail (no manifest) when more than this fraction of inputs is rejected")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
+    p.set_defaults(func=_cmd_shards_build)
+
+    p = ssub.add_parser("merge", help="after all partitions (e.g. a SLURM array) finished: number and index them")
+    p.add_argument("out")
+    p.add_argument("--max-reject-fraction", type=float, default=None)
+    p.set_defaults(func=_cmd_shards_merge)
+
+    p = ssub.add_parser("inspect", help="totals, per-shard stats, sample documents decoded (PNG)")
+    p.add_argument("dir")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--png", default=None, help="write the samples' text and pictures here")
+    p.add_argument("--text-tokenizer", default=None, help="default: the path recorded at build time")
+    p.add_argument("--image-tokenizer", default=None)
+    p.set_defaults(func=_cmd_shards_inspect)
+
+
+def _cmd_shards_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moma.pipeline.readers.base import ReaderOptions
+    from moma.pipeline.shards.build import BuildConfig, build
+    from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS
+
+    def absolute(p: str | None) -> str | None:
+        return str(Path(p).resolve()) if p else None
+
+    options = ReaderOptions(order=args.order, seed=args.seed, coco_captions=args.coco_captions,
+                            coco_images=absolute(args.coco_images), image_column=args.image_column,
+                            text_column=args.text_column, text_field=args.text_field,
+                            mmc4_images=absolute(args.mmc4_images))
+    if args.image_tokenizer is None and any(not s.startswith("text:") for s in args.source):
+        raise ValueError("--image-tokenizer is required: some sources hold images")
+    cfg = BuildConfig(sources=args.source, out=args.out, text_tokenizer=args.text_tokenizer,
+                      image_tokenizer=args.image_tokenizer, text_pattern=args.text_pattern, options=options,
+                      prefix=args.prefix, max_docs_per_shard=args.max_docs_per_shard,
+                      max_bytes_per_shard=int(args.max_mb_per_shard * 1e6), num_partitions=args.num_partitions,
+                      max_reject_fraction=args.max_reject_fraction,
+                      max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    result = build(cfg, workers=args.workers, partition=args.partition)
+    if args.partition is not None:
+        print(f"partition {args.partition}/{cfg.num_partitions}: {sum(s.docs for s in result.shards)} docs in "
+              f"{len(result.shards)} shards, rejects {result.rejects}")
+    return 0
+
+
+def _cmd_shards_merge(args: argparse.Namespace) -> int:
+    from moma.pipeline.shards.build import merge
+
+    m = merge(args.out, max_reject_fraction=args.max_reject_fraction)
+    print(f"merged {len(m.shards)} shards, {m.totals['docs']} docs -> {args.out}")
+    return 0
+
+
+def _cmd_shards_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moma.pipeline.shards.assemble import Tokenizers
+    from moma.pipeline.shards.inspect import render_samples, summary
+    from moma.pipeline.shards.manifest import Manifest
+
+    directory = Path(args.dir)
+    manifest = Manifest.load(directory)
+    print(summary(manifest, directory))
+    if args.samples:
+        paths = manifest.build["settings"]["tokenizer_paths"]
+        toks = Tokenizers.load(args.text_tokenizer or paths["text"], args.image_tokenizer or paths["image"])
+        for line in render_samples(directory, manifest, toks, args.samples, Path(args.png) if args.png else None):
+            print(line)
+        if args.png:
+            print(f"samples drawn to {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moma",
@@ -220,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _tokenizer_commands(sub)
+    _shards_commands(sub)
     _model_commands(sub)
     return parser
 
@@ -230,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Handler = args.func
     try:
         return func(args)
-    except (FileNotFoundError, PermissionError, ValueError) as e:
+    except (FileNotFoundError, PermissionError, ValueError, MomaError) as e:
         # Input and config problems: one clear line, no traceback.
         print(f"moma: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,98 @@
+"""Documents: what every corpus reader normalises its records to (DESIGN.md "Documents and shards").
+
+A document is an ordered list of segments, each text or image. A caption pair is [image, text] or
+[text, image]; an interleaved web page or a conversation is any sequence. Readers yield Documents
+or Rejects (a record that cannot become a document, with the reason); nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import re
+from pathlib import Path
+from typing import Union
+
+from moma.tokenizers.image_preprocess import ImageSource
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSegment:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSegment:
+    source: ImageSource  # a local path or the encoded bytes
+    ref: str  # how to name it in messages: file path, or "<file>#row/column"
+
+    def identity(self) -> str:
+        """Same identity -> same pixels: used to encode an image once for all documents that share it."""
+        if isinstance(self.source, (bytes, bytearray)):
+            return "sha1:" + hashlib.sha1(self.source).hexdigest()
+        return "path:" + str(Path(self.source).resolve())
+
+
+Segment = Union[TextSegment, ImageSegment]
+
+
+@dataclasses.dataclass
+class Document:
+    source: str  # "coco:/data/captions.json"
+    record_id: str  # the id in the source: COCO image id + caption index, file name, row number ...
+    segments: list[Segment]
+    key: str = ""  # filled by the builder: stable, unique, tar-safe
+
+    @property
+    def num_images(self) -> int:
+        return sum(isinstance(s, ImageSegment) for s in self.segments)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    source: str
+    record_id: str
+    reason: str  # short code: missing_image, empty_text, invalid_utf8, corrupt_image, bad_json ...
+    detail: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+Record = Union[Document, Reject]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def document_key(source_index: int, record_id: str) -> str:
+    """Stable, unique, WebDataset-safe key (no dots: WebDataset splits the key at the first one)."""
+    slug = _UNSAFE.sub("-", record_id)[-40:].strip("-") or "doc"
+    digest = hashlib.sha1(f"{source_index}\0{record_id}".encode()).hexdigest()[:12]
+    return f"s{source_index:02d}_{slug}_{digest}"
+
+
+CAPTION_ORDERS = ("image-first", "text-first", "random")
+
+
+def caption_pair(image: ImageSegment, text: str, order: str, seed: int, record_id: str) -> list[Segment]:
+    """[image, text] or [text, image]; "random" is a fair coin seeded by (seed, record id)."""
+    if order not in CAPTION_ORDERS:
+        raise ValueError(f"order must be one of {CAPTION_ORDERS}, got {order!r}")
+    first_image = order == "image-first" or (order == "random" and random.Random(f"{seed}:{record_id}").random() < .5)
+    return [image, TextSegment(text)] if first_image else [TextSegment(text), image]
+
+
+def clean_caption(raw: bytes | str | None) -> tuple[str | None, str]:
+    """(caption, "") or (None, reject reason) for a caption that is missing, not UTF-8 or empty."""
+    if raw is None:
+        return None, "missing_text"
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "invalid_utf8"
+    text = raw.strip()
+    if not text:
+        return None, "empty_text"
+    return text, ""

@@ -1,0 +1,1 @@
+"""Corpus readers: every source format normalised to documents (see base.py)."""

@@ -1,0 +1,233 @@
+"""Image-caption readers: COCO captions, folders with sidecars, img2dataset tars, parquet/arrow.
+
+Each record becomes one caption pair, [image, text] or [text, image] (ReaderOptions.order).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from moma.pipeline.documents import Document, ImageSegment, Record, Reject, TextSegment, caption_pair, clean_caption
+from moma.pipeline.readers.base import (Reader, cached_json, chunked_units, expand_paths, register,
+                                        resolve_image_path)
+from moma.tokenizers.image_preprocess import IMAGE_SUFFIXES
+
+IMAGE_MEMBER_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+IMAGE_COLUMNS = ("jpg", "image", "image_bytes", "img", "png", "webp")
+TEXT_COLUMNS = ("caption", "txt", "text", "TEXT")
+ID_COLUMNS = ("key", "id", "uid", "image_id")
+
+
+def _pair(reader: Reader, image: ImageSegment, text: str, record_id: str) -> Document:
+    segments = caption_pair(image, text, reader.options.order, reader.options.seed, record_id)
+    return Document(source=reader.name, record_id=record_id, segments=segments)
+
+
+@register("coco")
+class CocoReader(Reader):
+    """COCO captions JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`) + image folder."""
+
+    def _files(self) -> list[Path]:
+        return expand_paths(self.path, (".json",), "coco")
+
+    def units(self) -> list[Any]:
+        units = []
+        for path in self._files():
+            data = cached_json(path)
+            if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+                raise ValueError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+            units += chunked_units(path, len(data["images"]), chunk=256)
+        return units
+
+    def image_dir(self, json_path: Path) -> Path:
+        if self.options.coco_images:
+            return Path(self.options.coco_images)
+        split = json_path.stem.removeprefix("captions_").split("_")[0]  # captions_val2017.json -> val2017
+        for candidate in (json_path.parent / "images", json_path.parent.parent / "images",
+                          json_path.parent.parent / split, json_path.parent / split):
+            if candidate.is_dir():
+                return candidate
+        return json_path.parent
+
+    def read(self, unit: tuple[str, int, int]) -> Iterator[Record]:
+        path, start, end = Path(unit[0]), unit[1], unit[2]
+        data = cached_json(path)
+        captions = _captions_by_image(str(path), os.path.getmtime(path))
+        folder = self.image_dir(path)
+        images = sorted(data["images"], key=lambda im: im["id"])[start:end]
+        for im in images:
+            caps = captions.get(im["id"], [])
+            ids = [f"{im['id']}/{i}" for i in range(len(caps))] if self.options.coco_captions == "each" else \
+                [str(im["id"])]
+            file = folder / im["file_name"]
+            if not file.is_file():
+                for rid in ids or [str(im["id"])]:
+                    yield Reject(self.name, rid, "missing_image", str(file))
+                continue
+            if not caps:
+                yield Reject(self.name, str(im["id"]), "missing_text", "no caption annotation for this image")
+                continue
+            image = ImageSegment(str(file), str(file))
+            if self.options.coco_captions == "each":
+                for rid, cap in zip(ids, caps):
+                    text, why = clean_caption(cap)
+                    yield _pair(self, image, text, rid) if text else Reject(self.name, rid, why)
+            else:
+                cleaned = [t for t, _ in map(clean_caption, caps) if t]
+                yield _pair(self, image, "\n".join(cleaned), ids[0]) if cleaned else \
+                    Reject(self.name, ids[0], "empty_text")
+
+
+@functools.lru_cache(maxsize=4)
+def _captions_by_image(path: str, mtime: float) -> dict[int, list[str]]:
+    data = cached_json(Path(path))
+    out: dict[int, list[str]] = defaultdict(list)
+    for ann in sorted(data["annotations"], key=lambda a: a.get("id", 0)):
+        out[ann["image_id"]].append(ann.get("caption"))
+    return dict(out)
+
+
+@register("folder")
+class FolderReader(Reader):
+    """Images with sidecar captions, recursively: x.jpg + x.txt (the caption) and/or x.json
+    ("caption" or "text")."""
+
+    def units(self) -> list[Any]:
+        root = Path(self.path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"folder source is not a directory: {root}")
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"folder source {root} holds no images")
+        return [files[i:i + 512] for i in range(0, len(files), 512)]
+
+    def read(self, unit: list[str]) -> Iterator[Record]:
+        root = Path(self.path)
+        for rel in unit:
+            image = root / rel
+            txt, meta = image.with_suffix(".txt"), image.with_suffix(".json")
+            raw: bytes | str | None = None
+            if txt.is_file():
+                raw = txt.read_bytes()
+            elif meta.is_file():
+                try:
+                    info = json.loads(meta.read_bytes())
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield Reject(self.name, rel, "bad_json", f"{meta.name}: {e}")
+                    continue
+                raw = info.get("caption", info.get("text")) if isinstance(info, dict) else None
+            text, why = clean_caption(raw)
+            if text is None:
+                yield Reject(self.name, rel, why, "no .txt or .json caption" if why == "missing_text" else "")
+                continue
+            yield _pair(self, ImageSegment(str(image), str(image)), text, rel)
+
+
+@register("img2dataset")
+class Img2DatasetReader(Reader):
+    """img2dataset's WebDataset output: per key an image (jpg/png/webp), a txt caption and a json."""
+
+    def units(self) -> list[Any]:
+        return [str(p) for p in expand_paths(self.path, (".tar",), "img2dataset")]
+
+    def read(self, unit: str) -> Iterator[Record]:
+        path = Path(unit)
+        try:
+            with tarfile.open(path, mode="r|*") as tar:  # streaming: one member at a time
+                group: dict[str, bytes] = {}
+                key = None
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    dirname = os.path.dirname(member.name)
+                    stem, _, ext = base.partition(".")
+                    member_key = f"{dirname}/{stem}" if dirname else stem
+                    if key is not None and member_key != key:
+                        yield self._sample(path, key, group)
+                        group = {}
+                    key = member_key
+                    f = tar.extractfile(member)
+                    group[ext.lower()] = f.read() if f else b""
+                if key is not None:
+                    yield self._sample(path, key, group)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            yield Reject(self.name, f"{path.name}/<rest>", "truncated_tar", f"{path}: {e}")
+
+    def _sample(self, path: Path, key: str, group: dict[str, bytes]) -> Record:
+        rid = f"{path.name}/{key}"
+        image = next((group[e] for e in IMAGE_MEMBER_SUFFIXES if e in group), None)
+        if image is None:
+            return Reject(self.name, rid, "missing_image", f"members: {sorted(group)}")
+        raw: bytes | str | None = group.get("txt")
+        if raw is None and "json" in group:
+            try:
+                info = json.loads(group["json"])
+                raw = info.get("caption") if isinstance(info, dict) else None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return Reject(self.name, rid, "bad_json", str(e))
+        text, why = clean_caption(raw)
+        if text is None:
+            return Reject(self.name, rid, why)
+        return _pair(self, ImageSegment(image, f"{path}#{key}"), text, rid)
+
+
+@register("parquet")
+class ParquetReader(Reader):
+    """Parquet/Arrow rows with an image-bytes column and a caption column, read one row group at a
+    time (the file is never loaded whole). Image cells may be bytes or {'bytes': ..., 'path': ...}."""
+
+    def _columns(self, schema_names: list[str], path: Path) -> tuple[str, str, str | None]:
+        def pick(given: str | None, candidates: tuple[str, ...], what: str) -> str:
+            if given:
+                if given not in schema_names:
+                    raise ValueError(f"{path}: no {what} column {given!r} (columns: {schema_names})")
+                return given
+            found = next((c for c in candidates if c in schema_names), None)
+            if found is None:
+                raise ValueError(f"{path}: no {what} column among {list(candidates)} (columns: {schema_names}); "
+                                 f"name it with --{what}-column")
+            return found
+
+        image = pick(self.options.image_column, IMAGE_COLUMNS, "image")
+        text = pick(self.options.text_column, TEXT_COLUMNS, "text")
+        key = next((c for c in ID_COLUMNS if c in schema_names), None)
+        return image, text, key
+
+    def units(self) -> list[Any]:
+        import pyarrow.parquet as pq
+
+        units = []
+        for path in expand_paths(self.path, (".parquet", ".arrow", ".pq"), "parquet"):
+            pf = pq.ParquetFile(path)
+            self._columns(pf.schema_arrow.names, path)  # fail early on a column mistake
+            units += [(str(path), rg) for rg in range(pf.num_row_groups)]
+        return units
+
+    def read(self, unit: tuple[str, int]) -> Iterator[Record]:
+        import pyarrow.parquet as pq
+
+        path, rg = Path(unit[0]), unit[1]
+        pf = pq.ParquetFile(path)
+        image_col, text_col, key_col = self._columns(pf.schema_arrow.names, path)
+        table = pf.read_row_group(rg, columns=[c for c in (image_col, text_col, key_col) if c])
+        images, texts = table.column(image_col).to_pylist(), table.column(text_col).to_pylist()
+        keys = table.column(key_col).to_pylist() if key_col else [None] * len(images)
+        for row, (img, raw, key) in enumerate(zip(images, texts, keys)):
+            rid = f"{path.name}#{rg}:{row}" + (f":{key}" if key is not None else "")
+            if isinstance(img, dict):
+                img = img.get("bytes")
+            if not img:
+                yield Reject(self.name, rid, "missing_image", f"null or empty {image_col!r}")
+                continue
+            text, why = clean_caption(raw)
+            if text is None:
+                yield Reject(self.name, rid, why)
+                continue
+            yield _pair(self, ImageSegment(bytes(img), f"{path}#{rg}:{row}"), text, rid)

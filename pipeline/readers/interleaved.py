@@ -1,0 +1,215 @@
+"""Interleaved readers: LLaVA conversations, OBELICS documents, MMC4 documents.
+
+Images are placed exactly where the source puts them: at LLaVA's `<image>` placeholder, at their
+position in OBELICS' aligned `texts`/`images` lists, before the sentence MMC4 matched them to.
+Image references are local paths (relative ones resolve against the source file's directory) or
+bytes; a URL cannot be fetched here and rejects its document, as does any missing image file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from moma.pipeline.documents import Document, ImageSegment, Record, Reject, Segment, TextSegment
+from moma.pipeline.readers.base import (Reader, cached_json, chunked_units, expand_paths, register,
+                                        resolve_image_path)
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "USER", "user": "USER", "gpt": "ASSISTANT", "assistant": "ASSISTANT", "system": "SYSTEM"}
+
+
+class _MissingImage(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _image(ref: Any, base: Path, where: str) -> ImageSegment:
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, (bytes, bytearray)):
+        return ImageSegment(bytes(ref), where)
+    if not isinstance(ref, str) or not ref:
+        raise _MissingImage("missing_image", f"{where}: no image reference")
+    if ref.startswith(("http://", "https://")):
+        raise _MissingImage("remote_image", f"{where}: {ref} is a URL (download images first, e.g. img2dataset)")
+    path = resolve_image_path(ref, base)
+    if not path.is_file():
+        raise _MissingImage("missing_image", str(path))
+    return ImageSegment(str(path), str(path))
+
+
+def _finish(reader: Reader, rid: str, segments: list[Segment]) -> Record:
+    segments = [s for s in segments if not (isinstance(s, TextSegment) and not s.text.strip())]
+    if not segments:
+        return Reject(reader.name, rid, "empty_document")
+    return Document(source=reader.name, record_id=rid, segments=segments)
+
+
+def _json_records(path: Path) -> list[Any] | None:
+    """A JSON list file's records (cached), or None for JSONL."""
+    if path.suffix.lower() == ".json":
+        data = cached_json(path)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        return data
+    return None
+
+
+def _iter_jsonl(reader: Reader, path: Path) -> Iterator[tuple[str, Any] | Reject]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield f"{path.name}:{lineno}", json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield Reject(reader.name, f"{path.name}:{lineno}", "bad_json", str(e))
+
+
+class _RecordFileReader(Reader):
+    """JSON lists (chunked into units) and JSONL files (a unit each)."""
+
+    suffixes: tuple[str, ...] = (".json", ".jsonl")
+
+    def units(self) -> list[Any]:
+        units: list[Any] = []
+        for path in expand_paths(self.path, self.suffixes, self.kind):
+            records = _json_records(path)
+            units += chunked_units(path, len(records)) if records is not None else [(str(path), 0, -1)]
+        return units
+
+    def records(self, unit: tuple[str, int, int]) -> Iterator[tuple[str, Any] | Reject]:
+        path, start, end = Path(unit[0]), unit[1], unit[2]
+        records = _json_records(path)
+        if records is None:
+            yield from _iter_jsonl(self, path)
+            return
+        for i in range(start, end):
+            yield f"{path.name}:{i}", records[i]
+
+    def read(self, unit: tuple[str, int, int]) -> Iterator[Record]:
+        base = Path(unit[0]).parent
+        for item in self.records(unit):
+            if isinstance(item, Reject):
+                yield item
+                continue
+            rid, record = item
+            try:
+                yield self.document(rid, record, base)
+            except _MissingImage as e:
+                yield Reject(self.name, rid, e.reason, str(e))
+            except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+                yield Reject(self.name, rid, "bad_record", f"{type(e).__name__}: {e}")
+
+    def document(self, rid: str, record: Any, base: Path) -> Record:
+        raise NotImplementedError
+
+
+@register("llava")
+class LlavaReader(_RecordFileReader):
+    """LLaVA: {"id", "image", "conversations": [{"from": "human"|"gpt", "value": "...<image>..."}]}.
+    Turns become "USER: ..." / "ASSISTANT: ..." lines; the image goes where `<image>` stands (at the
+    start if the record has an image but no placeholder)."""
+
+    def document(self, rid: str, record: Any, base: Path) -> Record:
+        rid = str(record.get("id", rid))
+        image = _image(record["image"], base, rid) if record.get("image") else None
+        segments: list[Segment] = []
+        placed = False
+        for turn in record["conversations"]:
+            role = ROLES.get(str(turn.get("from", "")).lower(), str(turn.get("from", "")).upper())
+            parts = str(turn["value"]).split(IMAGE_PLACEHOLDER)
+            segments.append(TextSegment(f"{role}: {parts[0]}"))
+            for part in parts[1:]:
+                if image is None:
+                    raise _MissingImage("missing_image", f"{rid}: {IMAGE_PLACEHOLDER} but no image field")
+                segments += [image, TextSegment(part)]
+                placed = True
+            segments.append(TextSegment("\n"))
+        if image is not None and not placed:
+            segments.insert(0, image)
+        return _finish(self, rid, _merge_texts(segments))
+
+
+@register("obelics")
+class ObelicsReader(_RecordFileReader):
+    """OBELICS: aligned `texts` and `images` lists (exactly one of the two set at each position);
+    images as paths or bytes. Parquet (a unit per row group) or JSON/JSONL."""
+
+    suffixes = (".json", ".jsonl", ".parquet")
+
+    def units(self) -> list[Any]:
+        import pyarrow.parquet as pq
+
+        units: list[Any] = []
+        for path in expand_paths(self.path, self.suffixes, "obelics"):
+            if path.suffix == ".parquet":
+                units += [(str(path), rg, -2) for rg in range(pq.ParquetFile(path).num_row_groups)]
+            else:
+                records = _json_records(path)
+                units += chunked_units(path, len(records)) if records is not None else [(str(path), 0, -1)]
+        return units
+
+    def records(self, unit: tuple[str, int, int]) -> Iterator[tuple[str, Any] | Reject]:
+        if unit[2] != -2:
+            yield from super().records(unit)
+            return
+        import pyarrow.parquet as pq
+
+        path, rg = Path(unit[0]), unit[1]
+        table = pq.ParquetFile(path).read_row_group(rg, columns=["texts", "images"])
+        for row, record in enumerate(table.to_pylist()):
+            yield f"{path.name}#{rg}:{row}", record
+
+    def document(self, rid: str, record: Any, base: Path) -> Record:
+        texts, images = record["texts"], record["images"]
+        if len(texts) != len(images):
+            raise ValueError(f"texts ({len(texts)}) and images ({len(images)}) are not aligned")
+        segments: list[Segment] = []
+        for i, (text, img) in enumerate(zip(texts, images)):
+            if img is not None:
+                segments.append(_image(img, base, f"{rid}/images[{i}]"))
+            elif text is not None:
+                segments.append(TextSegment(str(text)))
+        return _finish(self, rid, segments)
+
+
+@register("mmc4")
+class Mmc4Reader(_RecordFileReader):
+    """MMC4: `text_list` sentences and `image_info[{image_name, matched_text_index}]`; each image is
+    placed before the sentence it was matched to. Images live in ReaderOptions.mmc4_images (default:
+    an images/ folder beside the JSONL, or the JSONL's own folder)."""
+
+    suffixes = (".jsonl", ".json")
+
+    def document(self, rid: str, record: Any, base: Path) -> Record:
+        if self.options.mmc4_images:
+            folder = Path(self.options.mmc4_images)
+        else:
+            folder = base / "images" if (base / "images").is_dir() else base
+        sentences = record["text_list"]
+        by_sentence: dict[int, list[ImageSegment]] = {}
+        for info in record.get("image_info", []):
+            idx = int(info["matched_text_index"])
+            if not 0 <= idx < len(sentences):
+                raise ValueError(f"matched_text_index {idx} outside text_list of {len(sentences)}")
+            by_sentence.setdefault(idx, []).append(_image(str(folder / info["image_name"]), base, rid))
+        segments: list[Segment] = []
+        for i, sentence in enumerate(sentences):
+            segments += by_sentence.get(i, [])
+            segments.append(TextSegment(str(sentence) + " "))
+        return _finish(self, rid, _merge_texts(segments))
+
+
+def _merge_texts(segments: list[Segment]) -> list[Segment]:
+    """Adjacent text segments become one (BPE then sees the whole run of text)."""
+    out: list[Segment] = []
+    for seg in segments:
+        if isinstance(seg, TextSegment) and out and isinstance(out[-1], TextSegment):
+            out[-1] = TextSegment(out[-1].text + seg.text)
+        else:
+            out.append(seg)
+    return out

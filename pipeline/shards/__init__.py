@@ -1,0 +1,1 @@
+"""WebDataset shards: build (readers -> tokens -> tars), manifest, inspect."""

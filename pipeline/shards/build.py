@@ -1,0 +1,271 @@
+"""The shard build: sources -> documents -> token arrays -> WebDataset tars + manifest.
+
+    moma shards build --source coco:captions.json --source text:books/ \\
+        --text-tokenizer tok/text --image-tokenizer tok/vq --out shards/ --workers 2
+
+Unit of parallel work: partition i of n. The readers' units (files, row groups, JSON slices) are
+listed in a deterministic order and partition i takes every n-th; it writes its own tars into
+``OUT/.staging/part-i/`` and, last, ``done.json``. A rerun skips partitions with ``done.json`` and
+redoes any other from scratch, so a build killed at any moment (even SIGKILL) and rerun ends with
+exactly the shards of an uninterrupted build. The same partition runs as a local process (--workers)
+or as a SLURM array task (--partition i --num-partitions n; then `moma shards merge OUT`).
+
+The merge numbers the partitions' tars globally ({prefix}-000000.tar, ...), writes rejects.jsonl,
+sizes.json and, last, manifest.json. Same inputs, tokenizers and flags give byte-identical shards and
+manifest (fixed tar headers, stable document keys, no timestamps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from moma.pipeline.documents import Document, Reject, document_key
+from moma.pipeline.errors import MomaError
+from moma.pipeline.readers.base import ReaderOptions, make_reader
+from moma.pipeline.shards.assemble import DocumentTokenizer, Tokenizers
+from moma.pipeline.shards.manifest import MANIFEST, REJECTS, Manifest
+from moma.pipeline.shards.writer import ShardInfo, ShardWriter
+from moma.tokenizers.fileio import atomic_write, write_json_atomic
+from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS
+from moma.tokenizers.vocab import Vocab
+
+STAGING = ".staging"
+DONE = "done.json"
+
+
+class BuildError(MomaError):
+    """The build ran but must not be used (too many rejects, conflicting settings ...)."""
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    sources: list[str]
+    out: str
+    text_tokenizer: str
+    image_tokenizer: str | None = None
+    text_pattern: str | None = None
+    options: ReaderOptions = dataclasses.field(default_factory=ReaderOptions)
+    prefix: str = "data"
+    max_docs_per_shard: int = 10_000
+    max_bytes_per_shard: int = 1_000_000_000
+    num_partitions: int = 16  # fixed default: the output must not depend on --workers
+    doc_batch: int = 256
+    max_reject_fraction: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the bytes of the output (recorded in the manifest)."""
+        return {"sources": self.sources, "options": self.options.to_json(), "prefix": self.prefix,
+                "max_docs_per_shard": self.max_docs_per_shard, "max_bytes_per_shard": self.max_bytes_per_shard,
+                "num_partitions": self.num_partitions, "max_pixels": self.max_pixels,
+                "tokenizer_paths": {"text": self.text_tokenizer, "image": self.image_tokenizer}}
+
+    @property
+    def staging(self) -> Path:
+        return Path(self.out) / STAGING
+
+
+@dataclasses.dataclass
+class PartitionResult:
+    index: int
+    shards: list[ShardInfo]
+    inputs: int
+    rejects: dict[str, int]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "shards": [s.to_json() for s in self.shards], "inputs": self.inputs,
+                "rejects": self.rejects, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PartitionResult":
+        return cls(index=d["index"], shards=[ShardInfo.from_json(s) for s in d["shards"]], inputs=d["inputs"],
+                   rejects=d["rejects"], seconds=d["seconds"])
+
+
+def _units(cfg: BuildConfig) -> list[tuple[int, Any]]:
+    units = []
+    for idx, spec in enumerate(cfg.sources):
+        reader = make_reader(spec, cfg.options, idx)
+        units += [(idx, u) for u in reader.units()]
+    return units
+
+
+def _records(cfg: BuildConfig, partition: int) -> Iterator[Document | Reject]:
+    readers = [make_reader(spec, cfg.options, idx) for idx, spec in enumerate(cfg.sources)]
+    for idx, unit in _units(cfg)[partition::cfg.num_partitions]:
+        for record in readers[idx].read(unit):
+            if isinstance(record, Document):
+                record.key = document_key(idx, record.record_id)
+            yield record
+
+
+def _prepare_staging(cfg: BuildConfig, tokenizers: Tokenizers) -> None:
+    """Record the build's settings once; a different build in the same --out is an error."""
+    settings = {**cfg.settings(), "vocab": tokenizers.vocab.to_json()}
+    path = cfg.staging / "build.json"
+    if path.exists():
+        if json.loads(path.read_text()) != json.loads(json.dumps(settings)):
+            raise BuildError(f"{cfg.out} holds an unfinished build with other settings ({path}); "
+                             f"finish it with its own flags, or remove {cfg.staging}")
+        return
+    write_json_atomic(path, settings)
+
+
+def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, progress: bool = False) -> PartitionResult:
+    """Build partition `index` (or return its recorded result if it is already done)."""
+    part = cfg.staging / f"part-{index:05d}"
+    if (part / DONE).exists():
+        return PartitionResult.from_json(json.loads((part / DONE).read_text()))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    tokenizers = Tokenizers.load(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
+    _prepare_staging(cfg, tokenizers)
+    shutil.rmtree(part, ignore_errors=True)  # an interrupted attempt is redone from scratch
+    part.mkdir(parents=True)
+    encode = DocumentTokenizer(tokenizers, text_threads=threads or 1, max_pixels=cfg.max_pixels)
+    writer = ShardWriter(part, "shard-{:06d}.tar", cfg.max_docs_per_shard, cfg.max_bytes_per_shard)
+    rejects: list[Reject] = []
+    inputs = 0
+    seen: set[str] = set()
+    batch: list[Document] = []
+    bar = tqdm(desc=f"partition {index}", unit="doc", disable=not progress)
+
+    def flush() -> None:
+        for item in encode(batch):
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            doc = item.doc
+            meta = {"source": doc.source, "id": doc.record_id, "text_tokens": item.text_tokens,
+                    "image_tokens": item.image_tokens, "images": doc.num_images}
+            writer.write(doc.key, item.tokens, meta, item.text_tokens, item.image_tokens)
+        bar.update(len(batch))
+        batch.clear()
+
+    for record in _records(cfg, index):
+        inputs += 1
+        if isinstance(record, Reject):
+            rejects.append(record)
+            continue
+        if record.key in seen:
+            rejects.append(Reject(record.source, record.record_id, "duplicate_id", f"key {record.key}"))
+            continue
+        seen.add(record.key)
+        batch.append(record)
+        if len(batch) >= cfg.doc_batch:
+            flush()
+    flush()
+    bar.close()
+    shards = writer.close()
+    with atomic_write(part / REJECTS, "w") as f:
+        for r in rejects:
+            f.write(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n")
+    result = PartitionResult(index=index, shards=shards, inputs=inputs,
+                             rejects=dict(sorted(Counter(r.reason for r in rejects).items())),
+                             seconds=time.perf_counter() - start)
+    write_json_atomic(part / DONE, result.to_json())  # last: marks the partition complete
+    return result
+
+
+def _partition_task(args: tuple[BuildConfig, int, int]) -> PartitionResult:
+    return run_partition(*args)
+
+
+def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None,
+          progress: bool = True) -> Manifest | PartitionResult:
+    """Run one partition (SLURM array task) or all pending ones on `workers` processes, then merge."""
+    if partition is not None:
+        if not 0 <= partition < cfg.num_partitions:
+            raise ValueError(f"--partition {partition} outside [0, {cfg.num_partitions})")
+        return run_partition(cfg, partition, threads=None, progress=progress)
+    if (Path(cfg.out) / MANIFEST).exists():
+        existing = Manifest.load(cfg.out)
+        if existing.build.get("settings") == json.loads(json.dumps(cfg.settings())):
+            print(f"{cfg.out}: already built ({len(existing.shards)} shards); nothing to do")
+            return existing
+        raise BuildError(f"{cfg.out} already holds a finished build with other settings; use another --out")
+    _units(cfg)  # surface source errors (missing files, bad columns) before any process starts
+    pending = [i for i in range(cfg.num_partitions) if not (cfg.staging / f"part-{i:05d}" / DONE).exists()]
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.num_partitions, initial=cfg.num_partitions - len(pending), desc="partitions",
+               disable=not progress)
+    if workers <= 1:
+        for i in pending:
+            run_partition(cfg, i, threads=threads)
+            bar.update(1)
+    else:
+        # spawn: the parent may hold torch/tiktoken thread pools that fork would copy half-alive
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_partition_task, [(cfg, i, threads) for i in pending]):
+                bar.update(1)
+    bar.close()
+    manifest = merge(cfg.out, max_reject_fraction=cfg.max_reject_fraction)
+    t = manifest.totals
+    elapsed = time.perf_counter() - start
+    reasons = ", ".join(f"{k} {v}" for k, v in t["rejects_by_reason"].items()) or "none"
+    print(f"built {t['docs']} docs in {len(manifest.shards)} shards: {t['tokens']['text']} text + "
+          f"{t['tokens']['image']} image tokens; rejected {t['rejected']} of {t['inputs']} inputs ({reasons}); "
+          f"{t['docs'] / max(elapsed, 1e-9):.1f} docs/s -> {cfg.out}")
+    return manifest
+
+
+def merge(out: str | Path, max_reject_fraction: float | None = None) -> Manifest:
+    """Number the partitions' tars globally and write rejects.jsonl, sizes.json, manifest.json."""
+    out = Path(out)
+    staging = out / STAGING
+    try:
+        settings = json.loads((staging / "build.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{staging}/build.json missing: no partition of this build has started") from None
+    n = settings["num_partitions"]
+    missing = [i for i in range(n) if not (staging / f"part-{i:05d}" / DONE).exists()]
+    if missing:
+        raise BuildError(f"cannot merge {out}: partitions {missing[:10]}{'...' if len(missing) > 10 else ''} "
+                         f"are not done (rerun them; finished ones are skipped)")
+    results = [PartitionResult.from_json(json.loads((staging / f"part-{i:05d}" / DONE).read_text()))
+               for i in range(n)]
+    inputs = sum(r.inputs for r in results)
+    reasons: Counter[str] = Counter()
+    for r in results:
+        reasons.update(r.rejects)
+    rejected = sum(reasons.values())
+    if max_reject_fraction is not None and inputs and rejected / inputs > max_reject_fraction:
+        raise BuildError(f"{rejected} of {inputs} inputs rejected ({rejected / inputs:.1%}) > --max-reject-fraction "
+                         f"{max_reject_fraction:.1%}; no manifest written. Reasons: {dict(reasons)}; details in "
+                         f"{staging}/part-*/{REJECTS}")
+    shards: list[ShardInfo] = []
+    for r in results:
+        for s in r.shards:
+            final = ShardInfo(**{**dataclasses.asdict(s), "name": f"{settings['prefix']}-{len(shards):06d}.tar"})
+            tmp = out / f".{final.name}.tmp"
+            tmp.unlink(missing_ok=True)
+            os.link(staging / f"part-{r.index:05d}" / s.name, tmp)  # hard link: no copy, atomic rename
+            os.replace(tmp, out / final.name)
+            shards.append(final)
+    with atomic_write(out / REJECTS, "wb") as f:
+        for r in results:
+            f.write((staging / f"part-{r.index:05d}" / REJECTS).read_bytes())
+    written = sum(s.docs for s in shards)
+    assert written + rejected == inputs, "partition accounting does not add up"
+    totals = {"docs": written, "inputs": inputs, "rejected": rejected, "rejects_by_reason": dict(sorted(reasons.items())),
+              "tokens": {"text": sum(s.text_tokens for s in shards), "image": sum(s.image_tokens for s in shards)}}
+    vocab = Vocab.from_json(settings.pop("vocab"), source=str(staging / "build.json"))
+    manifest = Manifest(vocab=vocab, shards=shards, build={"settings": settings}, totals=totals)
+    manifest.save(out)
+    shutil.rmtree(staging)
+    return manifest
