@@ -24,6 +24,7 @@ CAPTIONS = ["a red square on a white background", "two dogs in a park", "a plate
 
 def make_tokenizers(d: Path) -> tuple[Path, Path]:
     """A 400-rank BPE and a randomly initialised 16 px VQ (8 x 8 = 64 codes of 64): fast, and real."""
+    d.mkdir(parents=True, exist_ok=True)
     corpus = d / "corpus.txt"
     corpus.write_text(("\n".join(CAPTIONS) + "\n") * 40 + "USER: ASSISTANT: what is in the picture?\n" * 20)
     train_bpe([str(corpus)], 400, d / "text", progress=False)

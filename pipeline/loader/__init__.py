@@ -1,0 +1,1 @@
+"""Streaming loader: plans, shard reading, packing streams, the resumable loader."""

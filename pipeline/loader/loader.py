@@ -1,0 +1,242 @@
+"""The training data loader: packed multimodal batches from shard directories, split over ranks and
+DataLoader workers, with exact mid-epoch resume (also onto another world size).
+
+    loader = PackedLoader(LoaderConfig(sources=[DataSource("shards/", 1.0)], seq_len=512, batch_size=8),
+                          rank=0, world_size=1, vocab=run_vocab)
+    for batch in loader: ...                  # input_ids [B, L], labels [B, L] (-100 = ignored)
+    state = loader.state_dict()               # after K batches
+    PackedLoader(cfg, ..., state=state)       # yields exactly what the uninterrupted loader yields next
+
+Every rank runs S_r = max(1, num_workers) streams (stream.py) — globally S = world_size * S_r —
+each owning a deterministic share of every epoch (plan.py). Batches are assembled inside the
+workers and carry their stream's state; this process keeps, per stream, the state that came with
+the last batch it *consumed* (prefetched batches do not count) and the number consumed. A torch
+DataLoader serves workers round-robin, so on resume the workers are rotated to make the next batch
+come from the right stream.
+
+Why not torchdata's StatefulDataLoader: its snapshots are opaque per-worker blobs, while re-splitting
+onto another world size needs every stream's cursor; batches that carry their own small state give
+exactly that, with a plain DataLoader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from moma.pipeline.errors import MomaError
+from moma.pipeline.loader.plan import SourcePlan, resplit
+from moma.pipeline.loader.stream import Stream, StreamConfig, StreamSource
+from moma.pipeline.shards.manifest import Manifest
+from moma.tokenizers.vocab import Vocab
+
+log = logging.getLogger("moma.loader")
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    path: str  # a shard directory, or DIR/prefix-{000000..000123}.tar for a subset of its shards
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str) -> "DataSource":
+        """"DIR" or "DIR@WEIGHT"."""
+        path, sep, weight = spec.rpartition("@")
+        if not sep:
+            return cls(spec)
+        try:
+            return cls(path, float(weight))
+        except ValueError:
+            raise ValueError(f"data source {spec!r}: weight {weight!r} is not a number") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    sources: tuple[DataSource, ...]
+    seq_len: int
+    batch_size: int  # windows per batch (the micro-batch of one rank)
+    seed: int = 0
+    shuffle_buffer: int = 1000  # documents read and shuffled together (memory bound per source)
+    num_workers: int = 2
+    keep_images_whole: bool = False
+    strict: bool = False
+    prefetch_factor: int = 4
+
+
+BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`data-{000000..000003}.tar` -> the four names (zero padding kept)."""
+    m = BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo)
+    return [n for i in range(int(lo), int(hi) + 1)
+            for n in expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSource:
+    source: DataSource
+    directory: Path
+    manifest: Manifest
+    shard_paths: tuple[str, ...]
+    docs: tuple[int, ...]
+
+
+def resolve_source(src: DataSource) -> ResolvedSource:
+    path = Path(src.path)
+    directory = path if path.is_dir() else path.parent
+    manifest = Manifest.load(directory)
+    by_name = {s.name: s for s in manifest.shards}
+    if path.is_dir():
+        names = [s.name for s in manifest.shards]
+    else:
+        names = [Path(n).name for n in expand_braces(src.path)]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"{src.path}: {unknown[:3]} not listed in {directory / 'manifest.json'}")
+    names = [n for n in names if by_name[n].docs > 0]
+    if not names:
+        raise ValueError(f"{src.path}: no documents")
+    return ResolvedSource(src, directory, manifest, tuple(str(directory / n) for n in names),
+                          tuple(by_name[n].docs for n in names))
+
+
+class _StreamsDataset(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: its stream (after the resume rotation)."""
+
+    def __init__(self, sources: list[StreamSource], cfg: StreamConfig, rank: int, per_rank: int, streams: int,
+                 rotation: int, states: dict[int, Any]) -> None:
+        self.sources, self.cfg = sources, cfg
+        self.rank, self.per_rank, self.streams, self.rotation = rank, per_rank, streams, rotation
+        self.states = states
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        stream = self.rank * self.per_rank + (worker + self.rotation) % self.per_rank
+        yield from Stream(self.sources, self.cfg, stream, self.streams, self.states.get(stream))
+
+
+class PackedLoader:
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1, vocab: Vocab | None = None,
+                 consumer: str = "the run's tokenizers", state: dict[str, Any] | list[dict[str, Any]] | None = None):
+        if not cfg.sources:
+            raise ValueError("no data sources")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.per_rank = max(1, cfg.num_workers)
+        self.streams = world_size * self.per_rank
+        self.resolved = [resolve_source(s) for s in cfg.sources]
+        first = self.resolved[0]
+        for r in self.resolved:
+            if vocab is not None:
+                r.manifest.check_tokenizers(vocab, r.directory, consumer)
+            elif r is not first:
+                r.manifest.check_tokenizers(first.manifest.vocab, r.directory, str(first.directory / "manifest.json"))
+            if r.source.weight <= 0:
+                raise ValueError(f"{r.source.path}: weight must be > 0")
+            if sum(r.docs) < self.streams:
+                raise ValueError(f"{r.source.path} has {sum(r.docs)} documents but the loader runs {self.streams} "
+                                 f"streams ({world_size} ranks x {self.per_rank} workers) and every stream needs one: "
+                                 f"use fewer workers or more data")
+            missing = [p for p in r.shard_paths if not Path(p).exists()]
+            if missing:
+                if cfg.strict:
+                    raise MomaError(f"shards listed in {r.directory / 'manifest.json'} are missing: {missing[:3]}")
+                log.warning("%d shard(s) of %s missing on disk (they will be counted and skipped): %s",
+                            len(missing), r.directory, missing[:3])
+        v = vocab or first.manifest.vocab
+        self.vocab = v
+        self.stream_cfg = StreamConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                                       block_size=cfg.shuffle_buffer, vocab_size=v.size, pad_id=v.pad_id,
+                                       boi_id=v.boi_id, eoi_id=v.eoi_id, keep_images_whole=cfg.keep_images_whole,
+                                       strict=cfg.strict)
+        self.plans = [SourcePlan(r.docs) for r in self.resolved]
+        self.stream_sources = [StreamSource(r.shard_paths, plan, r.source.weight)
+                               for r, plan in zip(self.resolved, self.plans)]
+        self.consumed = 0
+        self.stream_states: dict[int, Any] = {}
+        if state is not None:
+            self._restore(state)
+
+    # --- iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rotation = self.consumed % self.per_rank
+        dataset = _StreamsDataset(self.stream_sources, self.stream_cfg, self.rank, self.per_rank, self.streams,
+                                  rotation, dict(self.stream_states))
+        if self.cfg.num_workers > 0:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                                 prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+        else:
+            loader = dataset  # type: ignore[assignment]
+        for batch in loader:
+            self.stream_states[batch["stream"]] = batch.pop("state")
+            self.consumed += 1
+            yield batch
+
+    def bad_counts(self) -> dict[str, int]:
+        """Skipped bad data so far, by reason, over this rank's streams."""
+        total: Counter = Counter()
+        for st in self.stream_states.values():
+            total.update(st.get("bad", {}))
+        return dict(total)
+
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain containers only (loadable with torch.load(weights_only=True))."""
+        return {"version": STATE_VERSION, "world_size": self.world_size, "per_rank": self.per_rank,
+                "rank": self.rank, "consumed": self.consumed, "seed": self.cfg.seed,
+                "shuffle_buffer": self.cfg.shuffle_buffer,
+                "sources": [[str(r.directory), list(r.docs)] for r in self.resolved],
+                "streams": {int(k): _plain(v) for k, v in self.stream_states.items()}}
+
+    def _restore(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One rank's saved state (same layout), or all ranks' states (any layout: re-split)."""
+        states = state if isinstance(state, list) else [state]
+        for st in states:
+            if st.get("version") != STATE_VERSION:
+                raise ValueError(f"loader state version {st.get('version')} != {STATE_VERSION}")
+            if st["seed"] != self.cfg.seed or st["shuffle_buffer"] != self.cfg.shuffle_buffer or \
+                    [d for _, d in st["sources"]] != [list(r.docs) for r in self.resolved]:
+                raise ValueError("the saved loader state belongs to other data, seed or shuffle buffer; "
+                                 "resuming it would not continue the same stream")
+        old_world, old_per_rank = states[0]["world_size"], states[0]["per_rank"]
+        if (old_world, old_per_rank) == (self.world_size, self.per_rank):
+            mine = next((st for st in states if st["rank"] == self.rank), None)
+            if mine is None:
+                raise ValueError(f"no saved loader state for rank {self.rank}")
+            self.consumed = mine["consumed"]
+            self.stream_states = {int(k): v for k, v in mine["streams"].items()}
+            return
+        if len(states) != old_world:
+            raise ValueError(f"resuming onto another layout needs the loader states of all {old_world} ranks")
+        old_streams = old_world * old_per_rank
+        by_stream: dict[int, Any] = {}
+        for st in states:
+            by_stream.update({int(k): v for k, v in st["streams"].items()})
+        fresh = Stream(self.stream_sources, self.stream_cfg, 0, old_streams).state()  # never-consumed streams
+        old = [by_stream.get(s, _plain(fresh)) for s in range(old_streams)]
+        new = resplit(self.plans, old, old_streams, self.streams, self.cfg.seed, self.cfg.shuffle_buffer)
+        if self.rank == 0:  # skipped-data counters live on
+            new[0]["bad"] = dict(sum((Counter(o.get("bad", {})) for o in old), Counter()))
+        self.consumed = 0
+        self.stream_states = {s: new[s] for s in range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)}
+        log.info("loader re-split: %d streams (%d ranks x %d) -> %d streams", old_streams, old_world, old_per_rank,
+                 self.streams)
+
+
+def _plain(state: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    out["leftover"] = np.asarray(state["leftover"]).astype(np.int64).tolist()
+    return out

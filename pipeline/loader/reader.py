@@ -1,0 +1,152 @@
+"""Reading documents out of one shard segment, a shuffle block at a time.
+
+Tars are read sequentially with plain `tarfile` (seekable mode: skipping to a segment's first
+document reads only headers). A block of `block_size` documents is read into memory and emitted in
+an order drawn from a seed that names the block, so a resumed reader re-reads the block and gets the
+same order. Bad data is counted (by reason), logged with shard and key, and skipped — or raised in
+strict mode: a shard missing on disk or empty, a truncated tar, a member that is not a valid .npy,
+a token id outside the vocabulary.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from moma.pipeline.errors import MomaError
+
+log = logging.getLogger("moma.loader")
+
+
+class ShardDataError(MomaError):
+    """Bad shard data in strict mode."""
+
+
+def block_order(seed: int, source: int, epoch: int, stream: int, segment: int, block: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, source, epoch + 1, stream, segment, block, 0xB10C]).permutation(n)
+
+
+def pending_order(seed: int, source: int, shard: int, start: int, end: int, block: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, source, shard, start, end, block, 0x9E4D]).permutation(n)
+
+
+class SegmentReader:
+    """Sequential documents [start, end) of one shard; `read_block(first, count)` in order."""
+
+    def __init__(self, path: Path, vocab_size: int, bad: Counter, strict: bool) -> None:
+        self.path = path
+        self.vocab_size = vocab_size
+        self.bad = bad
+        self.strict = strict
+        self._tar: tarfile.TarFile | None = None
+        self._next_doc = 0  # index of the document the tar stream is positioned at
+        self._dead = False  # missing/truncated: nothing more comes out of this shard
+
+    def _problem(self, reason: str, key: str, detail: str) -> None:
+        message = f"{self.path} [{key}]: {reason}: {detail}"
+        if self.strict:
+            raise ShardDataError(message)
+        self.bad[reason] += 1
+        log.warning("skipped %s", message)
+
+    def _open(self) -> None:
+        try:
+            if self.path.stat().st_size == 0:
+                self._problem("empty_shard", "-", "zero bytes")
+                self._dead = True
+                return
+            self._tar = tarfile.open(self.path, mode="r:")
+        except FileNotFoundError:
+            self._problem("missing_shard", "-", "listed in the manifest but not on disk")
+            self._dead = True
+        except (tarfile.TarError, OSError) as e:
+            self._problem("truncated_tar", "-", str(e))
+            self._dead = True
+
+    def _members(self) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+        """(key, {ext: data}) per document, from the current position; tokens data only is read."""
+        assert self._tar is not None
+        key, group = None, {}
+        while True:
+            try:
+                member = self._tar.next()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                self._problem("truncated_tar", key or "-", str(e))
+                self._dead = True
+                return
+            if member is None:
+                break
+            k, _, ext = member.name.partition(".")
+            if key is not None and k != key:
+                yield key, group
+                group = {}
+            key = k
+            if ext == "tokens.npy":
+                try:
+                    f = self._tar.extractfile(member)
+                    group[ext] = f.read() if f else None
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    self._problem("truncated_tar", k, str(e))
+                    self._dead = True
+                    return
+            else:
+                group.setdefault(ext, None)
+        if key is not None:
+            yield key, group
+
+    def read(self, first: int, count: int) -> list[tuple[str, np.ndarray] | None]:
+        """Documents first .. first+count-1 (None for a skipped one). Reading forward continues the
+        open tar; asking for an earlier document reopens it (re-split remainders do that)."""
+        if first < self._next_doc and not self._dead:
+            self.close()
+            self._next_doc = 0
+        if self._tar is None and not self._dead:
+            self._open()
+            self._it = self._members() if self._tar is not None else iter(())
+        out: list[tuple[str, np.ndarray] | None] = []
+        if self._dead:
+            return [None] * count
+        while self._next_doc < first:  # skip (headers only)
+            if next(self._it, None) is None:
+                break
+            self._next_doc += 1
+        for _ in range(count):
+            item = None if self._dead else next(self._it, None)
+            if item is None:
+                if not self._dead:
+                    self._problem("short_shard", "-", f"ends before document {self._next_doc} listed in the manifest")
+                    self._dead = True
+                out.append(None)
+                continue
+            self._next_doc += 1
+            out.append(self._decode(*item))
+        return out
+
+    def _decode(self, key: str, group: dict[str, bytes | None]) -> tuple[str, np.ndarray] | None:
+        data = group.get("tokens.npy")
+        if data is None:
+            self._problem("missing_tokens", key, "no tokens.npy member")
+            return None
+        try:
+            tokens = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            self._problem("bad_npy", key, str(e))
+            return None
+        if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+            self._problem("bad_npy", key, f"expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+            return None
+        if tokens.size and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            self._problem("token_out_of_range", key, f"id {int(tokens.max())} >= vocabulary size {self.vocab_size}")
+            return None
+        return key, tokens.astype(np.int64)
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
