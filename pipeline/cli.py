@@ -318,15 +318,95 @@ def _cmd_shards_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train with DeepSpeed (run under the deepspeed launcher, torchrun or srun)")
+    p.add_argument("config", nargs="?", default=None, help="YAML/JSON run config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--resume", default=None, help="auto (the run's latest checkpoint, if any) or a checkpoint path")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, batch arithmetic, parameters and expert placement; no DeepSpeed")
+    p.add_argument("--check", action="store_true", help="validate only (what job scripts run before launching)")
+    p.add_argument("--world-size", type=int, default=None, help="for --dry-run/--check: the world size to plan for")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="checkpoint -> consolidated safetensors with every expert + config + vocab")
+    p.add_argument("checkpoint", help="checkpoint directory (with 'latest') or one global_step* directory")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("plot", help="PNG loss curves by modality from a run's metrics.jsonl")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moma.pipeline.training.config import load_config
+    from moma.pipeline.training.engine import configure_accelerator, launch_env
+
+    configure_accelerator()
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run or args.check:
+        from moma.pipeline.training.plan import plan_run
+
+        world = args.world_size or launch_env()[1]
+        plan = plan_run(cfg, world)
+        print(plan.describe() if args.dry_run else f"config ok for world size {world}: {plan.model.ffn} "
+              f"{cfg.model.preset}, {plan.ds_config['train_batch_size']} sequences per step")
+        return 0
+    from moma.pipeline.training.train import train
+
+    try:
+        return train(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        # Past validation these are failures, not input mistakes: keep the traceback.
+        raise RuntimeError(f"training failed: {e}") from e
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from moma.pipeline.training.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.json, vocab.json)")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from moma.pipeline.training.metrics import plot
+
+    print(f"wrote {plot(args.run_dir)}")
+    return 0
+
+
+def _demo_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on embedded data: tokenizers, shards, 2-rank MoMa training, "
+                                    "stop, resume, report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--images", type=int, default=3000, help="generated captioned pictures")
+    p.add_argument("--image-minutes", type=float, default=2.5, help="VQ tokenizer training budget")
+    p.add_argument("--steps", type=int, default=240, help="training steps (stop and resume at half)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from moma.pipeline.demo import run_demo
+
+    run_demo(args.out, images=args.images, image_minutes=args.image_minutes, steps=args.steps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moma",
         description="MoMa pipeline: corpora -> tokenizers -> WebDataset shards -> DeepSpeed MoE training.",
     )
+    # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _tokenizer_commands(sub)
     _shards_commands(sub)
     _model_commands(sub)
+    _training_commands(sub)
+    _demo_command(sub)
     return parser
 
 

@@ -1,0 +1,151 @@
+"""`moma demo`: the whole pipeline on embedded data, on this machine, end to end.
+
+    moma demo --out runs/demo
+
+1. data        a generated corpus of pictures whose captions describe them exactly (synthetic.py)
+               and the embedded Shakespeare plays (text-only documents)
+2. tokenizers  byte-level BPE on the plays + captions; the tiny VQ image tokenizer on the pictures
+3. shards      captions (image-first or text-first, per document) and text, --workers 2
+4. train       moma_4t4i tiny with the deepspeed launcher on 2 ranks (CPU: gloo), ZeRO-2, expert
+               parallel 2: train, checkpoint, stop; resume from the checkpoint, finish
+5. report      per-modality losses, loss plot, exported weights; last line `run dir: PATH`
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moma.pipeline.synthetic import write_folder_corpus
+
+
+def _say(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+def _plays() -> list[str]:
+    root = Path(str(importlib.resources.files("moma.pipeline") / "assets" / "text"))
+    return sorted(str(p) for p in root.glob("*.txt"))
+
+
+def _launcher_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if not _has_cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores: one thread each
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def _moma(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moma.pipeline.cli", *args]
+
+
+def demo_config(out: Path, steps: int) -> dict[str, Any]:
+    return {
+        "run_dir": str(out / "run"), "seed": 0, "max_steps": steps,
+        "data": {"sources": [{"path": str(out / "shards" / "captions"), "weight": 0.85},
+                             {"path": str(out / "shards" / "text"), "weight": 0.15}],
+                 "seq_len": 256, "num_workers": 1, "shuffle_buffer": 500},
+        "tokenizers": {"text": str(out / "tokenizers" / "text"), "image": str(out / "tokenizers" / "image")},
+        "model": {"preset": "tiny", "ffn": "moma_4t4i"},
+        "optim": {"lr": 2e-3, "weight_decay": 0.1, "grad_clip": 1.0},
+        "schedule": {"warmup_steps": 20, "decay": "linear", "min_lr_ratio": 0.01},
+        "parallel": {"ds_config": "zero2_fp32", "ep_size": 2, "micro_batch": 8, "grad_accum": 1},
+        "checkpoint": {"every": 50, "keep": 2},
+        "logging": {"every": 1},
+    }
+
+
+def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, steps: int = 240,
+             ranks: int = 2) -> Path:
+    out = Path(out).resolve()
+    start = time.perf_counter()
+    if (out / "run").exists():
+        shutil.rmtree(out / "run")  # a fresh training run each time; data and tokenizers are reused
+
+    _say("1/5 data: generated captioned pictures + embedded Shakespeare")
+    shapes = out / "data" / "shapes"
+    if not (shapes / "README.json").exists():
+        write_folder_corpus(shapes, images, seed=0, size=64)
+    print(f"{images} pictures with exact captions in {shapes}; {len(_plays())} plays (public domain)")
+
+    _say("2/5 tokenizers: BPE on the plays + captions, tiny VQ on the pictures")
+    tok = out / "tokenizers"
+    if not (tok / "text" / "ranks.tiktoken").exists():
+        _run(_moma("tokenizer", "train-text", "--input", *_plays(), str(shapes / "*.txt"), "--vocab-size", "2048",
+                   "--out", str(tok / "text"), "--name", "demo-bpe-2048"))
+    if not (tok / "image" / "image_tokenizer.json").exists():
+        _run(_moma("tokenizer", "train-image", "--images", str(shapes), "--preset", "tiny", "--max-minutes",
+                   str(image_minutes), "--out", str(tok / "image")))
+    _run(_moma("tokenizer", "eval-image", "--tokenizer", str(tok / "image"), "--images",
+               *[str(p) for p in sorted(shapes.glob("*.png"))[-64:]], "--grid", str(out / "vq_recon.png")))
+
+    _say("3/5 shards: captions in both orders, plays as text-only documents")
+    for name, source, extra in (("captions", f"folder:{shapes}", ["--order", "random"]),
+                                ("text", "text:" + str(Path(_plays()[0]).parent / "*.txt"), [])):
+        if not (out / "shards" / name / "manifest.json").exists():
+            _run(_moma("shards", "build", "--source", source, "--text-tokenizer", str(tok / "text"),
+                       "--image-tokenizer", str(tok / "image"), "--out", str(out / "shards" / name), "--workers", "2",
+                       "--num-partitions", "4", *extra))
+
+    _say(f"4/5 train moma_4t4i tiny: deepspeed launcher, {ranks} ranks, ZeRO-2, expert parallel 2")
+    cfg_path = out / "demo_config.yaml"
+    cfg_path.write_text(yaml.safe_dump(demo_config(out, steps), sort_keys=False))
+    _run(_moma("train", str(cfg_path), "--check", "--world-size", str(ranks)))
+    launch = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks), "--module", "moma.pipeline.cli",
+              "train", str(cfg_path)]
+    half = steps // 2
+    print(f"-- phase 1: steps 1-{half}, checkpoint, stop")
+    _run(launch + [f"stop_at_step={half}", "--resume", "auto"], env=_launcher_env())
+    print(f"-- phase 2: resume from the step-{half} checkpoint, steps {half + 1}-{steps}")
+    _run(launch + ["--resume", "auto"], env=_launcher_env())
+
+    _say("5/5 report")
+    run_dir = out / "run"
+    _run(_moma("plot", str(run_dir)))
+    _run(_moma("export", str(run_dir / "checkpoints"), "--out", str(run_dir / "export")))
+    print(summarize(run_dir))
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"run dir: {run_dir}")
+    return run_dir
+
+
+def summarize(run_dir: Path) -> str:
+    from moma.pipeline.training.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+
+    def avg(key: str, part: list[dict[str, Any]]) -> str:
+        vals = [r[key] for r in part if r.get(key) is not None]
+        return f"{sum(vals) / len(vals):.3f}" if vals else "-"
+
+    first, last = rows[:10], rows[-10:]
+    lines = ["per-modality training loss (nats/token, mean of 10 steps):",
+             f"  steps {first[0]['step']}-{first[-1]['step']}: all {avg('loss', first)}, text {avg('loss_text', first)},"
+             f" image {avg('loss_image', first)}",
+             f"  steps {last[0]['step']}-{last[-1]['step']}: all {avg('loss', last)}, text {avg('loss_text', last)},"
+             f" image {avg('loss_image', last)}",
+             f"  tokens seen: {json.dumps(rows[-1]['tokens_seen'])}; skipped non-finite steps: "
+             f"{rows[-1]['nonfinite_skipped']}; bad data: {rows[-1]['bad_data'] or 'none'}",
+             f"  expert load at the end: {json.dumps(rows[-1]['expert_load'])}"]
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""`moma export`: one consolidated safetensors file with every expert, plus model config and vocab.
+
+    moma export runs/demo/checkpoints --out runs/demo/export
+    model = load_exported("runs/demo/export")          # a single-process Transformer (ep_size 1)
+
+DeepSpeed's zero_to_fp32 drops native-MoE experts (and fails for expert parallel > 1). Here the
+expert tensors come from DeepSpeed's per-expert files, named by *global* expert index, which is
+exactly the parameter name in a model built with expert-parallel size 1; the other tensors from the
+model-states file. When the checkpoint has its universal copy, its fp32 master weights are used
+instead (exact also for bf16 runs). Works offline, on one process, for any training layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moma.pipeline.model.config import ModelConfig
+from moma.pipeline.model.transformer import Transformer
+from moma.pipeline.training.checkpoint import UNIVERSAL, CheckpointError, find_checkpoint
+from moma.tokenizers.fileio import write_json_atomic
+
+WEIGHTS = "model.safetensors"
+
+
+def _tag_dir(ckpt: str | Path) -> Path:
+    found = find_checkpoint(str(ckpt), Path(ckpt))
+    assert found is not None
+    return found[0] / found[1]
+
+
+def _deepspeed_file(path: Path) -> dict[str, Any]:
+    # DeepSpeed's own checkpoint files pickle its config objects: full unpickling of files this
+    # project's training wrote.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def consolidated_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    main = _deepspeed_file(tag_dir / "mp_rank_00_model_states.pt")
+    client = main.get("moma")
+    if client is None:
+        raise CheckpointError(f"{tag_dir}: not a `moma train` checkpoint (no client state)")
+    universal = sorted((tag_dir / UNIVERSAL).glob("rank*.pt"))
+    if universal:
+        state: dict[str, torch.Tensor] = {}
+        for f in universal:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+            part.pop("__step__", None)
+            state.update({k: v["fp32"] for k, v in part.items()})
+        return state, client
+    state = {k: v.float() for k, v in main["module"].items()}
+    for f in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
+        state.update({k: v.float() for k, v in _deepspeed_file(f).items()})
+    return state, client
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    tag_dir = _tag_dir(ckpt)
+    state, client = consolidated_state(tag_dir)
+    cfg = ModelConfig.from_json(client["model"])
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(cfg, ep_size=1).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{tag_dir}: consolidated weights do not match the model: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file({k: state[k].contiguous() for k in sorted(expected)}, str(tmp),
+              metadata={"format": "pt", "source": str(tag_dir), "step": str(client["step"])})
+    tmp.replace(out / WEIGHTS)
+    write_json_atomic(out / "config.json", client["model"])
+    write_json_atomic(out / "vocab.json", client["vocab"])
+    write_json_atomic(out / "export.json", {"checkpoint": str(tag_dir), "step": client["step"],
+                                            "tokens": client["tokens"], "parameters": sum(v.numel() for v in state.values())})
+    return out
+
+
+def load_exported(directory: str | Path, device: str = "cpu") -> Transformer:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = ModelConfig.from_json(json.loads((directory / "config.json").read_text()))
+    model = Transformer(cfg, ep_size=1)
+    model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,121 @@
+"""Per-step metrics on rank 0: metrics.jsonl always, TensorBoard optionally, and `moma plot`.
+
+    moma plot runs/demo          # -> runs/demo/plots/loss.png (loss by modality vs step)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moma.pipeline.model.transformer import Transformer
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("logging.tensorboard: tensorboard is not installed (pip install 'moma[tensorboard]'); "
+                      "metrics.jsonl only")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in _flatten(row).items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def expert_load(model: Transformer) -> dict[str, dict[str, float]]:
+    """Per modality group, averaged over layers (this rank's last micro-batch): tokens per expert
+    (mean and max/mean), share of the group's tokens picked by 0 / 1 / 2+ experts, router entropy."""
+    groups: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for key, gate in model.moe_gates().items():
+        if gate.last_stats:
+            groups.setdefault(key.split(".", 1)[1], []).append(gate.last_stats)
+    out = {}
+    for group, stats in groups.items():
+        counts = torch.stack([s["tokens_per_expert"].float() for s in stats])
+        mean = counts.mean(dim=1).clamp(min=1e-9)
+        out[group] = {
+            "tokens_per_expert": round(float(mean.mean()), 2),
+            "max_over_mean": round(float((counts.max(dim=1).values / mean).mean()), 3),
+            **{k: round(float(torch.stack([s[k] for s in stats]).float().mean()), 4)
+               for k in ("picked_0", "picked_1", "picked_2plus", "router_entropy")},
+        }
+    return out
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # a resumed run appends; keep the last record of each step (the one the final model saw)
+    by_step = {r["step"]: r for r in rows if "step" in r and "loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot(run_dir: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no training steps")
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "all"), ("loss_text", "text"), ("loss_image", "image")):
+        values = [r.get(key) for r in rows]
+        if any(v is not None and math.isfinite(v) for v in values):
+            axes[0].plot(steps, [v if v is not None else float("nan") for v in values], label=label)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("cross-entropy (nats/token)")
+    axes[0].set_title("training loss by modality")
+    axes[0].legend()
+    axes[1].plot(steps, [r.get("lr", float("nan")) for r in rows])
+    axes[1].set_xlabel("step")
+    axes[1].set_title("learning rate")
+    fig.tight_layout()
+    out = run_dir / "plots" / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,151 @@
+"""Everything about a run that can be known before any process starts: the resolved config, the
+vocabulary and its identity checks against the shards, the model config and its accounting, the
+DeepSpeed config with its batch arithmetic, and where every expert lives.
+
+    moma train CONFIG --dry-run [--world-size N]       # prints RunPlan.describe() and exits
+
+`plan_run` raises ConfigError (one clear line) for every configuration that cannot work, so the
+job scripts call `moma train CONFIG --check` before they start the deepspeed launcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moma.pipeline.loader.loader import DataSource, resolve_source
+from moma.pipeline.model.accounting import Accounting, count
+from moma.pipeline.model.config import ModelConfig, preset
+from moma.pipeline.shards.manifest import Manifest
+from moma.pipeline.training.config import ConfigError, TrainConfig
+from moma.pipeline.training.ds_config import build_ds_config, precision, zero_stage
+from moma.pipeline.training.engine import ParallelConfigError, check_parallel_layout
+from moma.tokenizers.image_tokenizer import CONFIG_FILE, ImageTokenizer
+from moma.tokenizers.text import TextTokenizer
+from moma.tokenizers.vocab import IdentityMismatchError, TokenizerIdentity, Vocab
+
+
+@dataclasses.dataclass
+class RunPlan:
+    cfg: TrainConfig
+    world_size: int
+    vocab: Vocab
+    model: ModelConfig
+    ds_config: dict[str, Any]
+    accounting: Accounting
+    manifests: list[Manifest]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.ds_config["train_batch_size"] * self.cfg.data.seq_len
+
+    def expert_layout(self) -> list[str]:
+        """Which global experts each rank holds (DeepSpeed's expert-parallel groups are consecutive
+        ranks: rank r is index r % ep_size of its group)."""
+        spec, ep = self.model.ffn_spec, self.cfg.parallel.ep_size
+        if spec.kind == "dense" or not spec.learned_routing:
+            return [f"no MoE layers ({self.model.ffn}): every rank holds the whole FFN"]
+        lines = []
+        for rank in range(self.world_size):
+            e_rank = rank % ep
+            held = ", ".join(f"{g} experts {e_rank * n // ep}-{(e_rank + 1) * n // ep - 1}" for g, n in spec.groups)
+            lines.append(f"rank {rank} (expert-parallel index {e_rank}, replica {rank // ep}): {held}")
+        return lines
+
+    def describe(self) -> str:
+        c, ds = self.cfg, self.ds_config
+        acc = self.accounting
+        m = 1e6
+        lines = ["# resolved config", yaml.safe_dump(c.to_json(), sort_keys=False).rstrip(), "",
+                 "# batch arithmetic",
+                 f"micro batch {c.parallel.micro_batch} x grad accum {c.parallel.grad_accum} x world size "
+                 f"{self.world_size} = {ds['train_batch_size']} sequences = {self.tokens_per_step} tokens per step "
+                 f"(seq_len {c.data.seq_len}); {c.max_steps} steps = {self.tokens_per_step * c.max_steps / 1e6:.2f} M "
+                 f"tokens", f"ZeRO stage {zero_stage(ds)}, {precision(ds)}, expert-parallel size {c.parallel.ep_size}, "
+                 f"data-parallel size {self.world_size}", "",
+                 "# model", f"{self.model.ffn} {c.model.preset}: {acc.total_params / m:.2f} M parameters "
+                 f"({acc.expert_params / m:.2f} M in experts); active per token text {acc.active_params['text'] / m:.2f} M,"
+                 f" image {acc.active_params['image'] / m:.2f} M; training FLOPs per token text "
+                 f"{acc.flops_per_token['text'] / 1e9:.4f} G, image {acc.flops_per_token['image'] / 1e9:.4f} G",
+                 self.vocab.describe(), "", "# expert placement", *self.expert_layout(), "",
+                 "# data", *(f"{s.path} (weight {s.weight}): {mf.totals['docs']} docs, {mf.totals['tokens']}"
+                             for s, mf in zip(c.data.sources, self.manifests))]
+        return "\n".join(lines)
+
+
+def image_identity(path: str) -> TokenizerIdentity:
+    """The identity recorded by train-image (cheap), or computed by loading other formats."""
+    meta = Path(path) / CONFIG_FILE
+    if meta.exists():
+        return TokenizerIdentity.from_json(json.loads(meta.read_text())["identity"])
+    return ImageTokenizer.load(path).identity
+
+
+def run_vocab(cfg: TrainConfig) -> Vocab:
+    if not cfg.tokenizers.text:
+        raise ConfigError("tokenizers.text is required (the BPE the shards were built with)")
+    try:
+        text = TextTokenizer.load(cfg.tokenizers.text, pattern=cfg.tokenizers.text_pattern).identity
+        image = image_identity(cfg.tokenizers.image) if cfg.tokenizers.image else None
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"tokenizers: {e}") from None
+    return Vocab(text=text, image=image)
+
+
+def model_config(cfg: TrainConfig, vocab: Vocab) -> ModelConfig:
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("max_seq_len", cfg.data.seq_len)
+    for fixed in ("vocab_size", "image_offset", "ffn"):
+        if fixed in overrides:
+            raise ConfigError(f"model.overrides.{fixed}: set by the tokenizers / model.ffn, not an override")
+    try:
+        return preset(cfg.model.preset, ffn=cfg.model.ffn, vocab_size=vocab.size, image_offset=vocab.image_offset,
+                      **overrides)
+    except TypeError as e:  # an override that is no ModelConfig field
+        raise ConfigError(f"model.overrides: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
+    """Resolve and check the whole run; raises ConfigError naming what is wrong."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if cfg.max_steps < 1:
+        raise ConfigError("max_steps must be >= 1")
+    if cfg.stop_at_step is not None and not 0 < cfg.stop_at_step <= cfg.max_steps:
+        raise ConfigError(f"stop_at_step {cfg.stop_at_step} must lie in [1, max_steps {cfg.max_steps}]")
+    if cfg.schedule.decay not in ("linear", "cosine"):
+        raise ConfigError(f"schedule.decay must be linear or cosine, got {cfg.schedule.decay!r}")
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: give at least one shard directory")
+    vocab = run_vocab(cfg)
+    manifests = []
+    for src in cfg.data.sources:
+        try:
+            resolved = resolve_source(DataSource(src.path, src.weight))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.sources {src.path}: {e}") from None
+        try:
+            resolved.manifest.check_tokenizers(vocab, resolved.directory, "the run's tokenizers")
+        except IdentityMismatchError as e:
+            raise ConfigError(str(e)) from None
+        missing = [p for p in resolved.shard_paths if not Path(p).exists()]
+        if missing and cfg.data.strict:
+            raise ConfigError(f"data.sources {src.path}: {len(missing)} shard(s) missing on disk, e.g. {missing[0]}")
+        streams = world_size * max(1, cfg.data.num_workers)
+        if sum(resolved.docs) < streams:
+            raise ConfigError(f"data.sources {src.path}: {sum(resolved.docs)} documents for {streams} loader streams")
+        manifests.append(resolved.manifest)
+    model = model_config(cfg, vocab)
+    ds = build_ds_config(cfg, world_size)
+    try:
+        check_parallel_layout(model, cfg.parallel.ep_size, world_size, zero_stage(ds))
+    except ParallelConfigError as e:
+        raise ConfigError(str(e)) from None
+    return RunPlan(cfg=cfg, world_size=world_size, vocab=vocab, model=model, ds_config=ds,
+                   accounting=count(model, cfg.data.seq_len), manifests=manifests)

@@ -1,0 +1,283 @@
+"""`moma train`: the loop every rank runs under the deepspeed launcher, torchrun or srun.
+
+    deepspeed --num_gpus 2 --module moma.pipeline.cli train CONFIG --resume auto
+
+Per step: grad_accum micro-batches (forward, backward, engine.step), then on rank 0 one metrics.jsonl
+row: loss (all, text, image: summed over every rank's tokens), learning rate, grad norm, tokens/s,
+MFU, expert load per modality group, memory, and a digest of the documents the step saw. A
+non-finite loss on any rank skips that micro-batch on all ranks (no backward, no step) and is
+counted; too many in a row checkpoint and stop. SIGTERM / SIGUSR1 (preemption) finish the current
+step, checkpoint, and exit 0, so a requeued job resumes with --resume auto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from moma.pipeline.loader.loader import DataSource, LoaderConfig, PackedLoader
+from moma.pipeline.training.checkpoint import (find_checkpoint, load_universal, rng_state, save_universal,
+                                               set_rng_state, write_complete_and_latest)
+from moma.pipeline.training.config import TrainConfig, save_config
+from moma.pipeline.training.ds_config import precision
+from moma.pipeline.training.engine import (build_model, expert_group_name, expert_parallel_rank, init_distributed,
+                                           initialize_engine, launch_env)
+from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
+from moma.pipeline.training.plan import RunPlan, plan_run
+from moma.tokenizers.fileio import write_json_atomic
+
+EXIT_OK, EXIT_NONFINITE = 0, 3
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup, then linear decay to min_lr_ratio at max_steps (the paper's) or cosine."""
+    s = cfg.schedule
+
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        progress = min(1.0, (step - s.warmup_steps) / max(1, cfg.max_steps - s.warmup_steps))
+        if s.decay == "cosine":
+            return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - s.min_lr_ratio) * progress
+
+    return factor
+
+
+class _Stop:
+    """Preemption signals only set a flag; the ranks agree on it once per step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int = 0
+    tokens: dict[str, int] = dataclasses.field(default_factory=lambda: {"text": 0, "image": 0})
+    nonfinite_skipped: int = 0
+
+
+def setup_engine(cfg: TrainConfig) -> tuple[RunPlan, Any, Any, int]:
+    """Plan (config errors surface here, before any process group), then process groups, the model
+    with this rank's experts, and the DeepSpeed engine: (plan, dist info, engine, ep rank)."""
+    _, world_size, _ = launch_env()
+    plan = plan_run(cfg, world_size)
+    info = init_distributed()
+    ep = cfg.parallel.ep_size
+    ep_rank = expert_parallel_rank(ep)
+    model = build_model(plan.model, ep_size=ep, seed=cfg.seed, ep_rank=ep_rank, device=info.device,
+                        dtype=torch.bfloat16 if precision(plan.ds_config) == "bf16" else torch.float32)
+    engine = initialize_engine(model, plan.ds_config, cfg.optim.weight_decay, lr_lambda(cfg))
+    return plan, info, engine, ep_rank
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> int:
+    plan, info, engine, ep_rank = setup_engine(cfg)
+    run_dir, ckpt_dir = Path(cfg.run_dir), cfg.checkpoint_dir
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_json_atomic(run_dir / "vocab.json", plan.vocab.to_json())
+        write_json_atomic(run_dir / "model.json", plan.model.to_json())
+
+    progress, loader_state = Progress(), None
+    found = find_checkpoint(resume, ckpt_dir)
+    if found is not None:
+        progress, loader_state = resume_from(engine, plan, found, ep_rank, info.rank)
+
+    loader = PackedLoader(LoaderConfig(sources=tuple(DataSource(s.path, s.weight) for s in cfg.data.sources),
+                                       seq_len=cfg.data.seq_len, batch_size=cfg.parallel.micro_batch, seed=cfg.seed,
+                                       shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
+                                       keep_images_whole=cfg.data.keep_images_whole, strict=cfg.data.strict),
+                          rank=info.rank, world_size=plan.world_size, vocab=plan.vocab,
+                          consumer=f"{run_dir}/config.yaml", state=loader_state)
+    end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    code = _loop(cfg, plan, engine, loader, progress, end, info, ep_rank)
+    dist.barrier()
+    return code
+
+
+def resume_from(engine: Any, plan: RunPlan, found: tuple[Path, str], ep_rank: int,
+                rank: int) -> tuple[Progress, Any]:
+    """Load a checkpoint into `engine`: DeepSpeed's own path on the same layout, the universal copy on
+    another; returns the progress counters and the loader state(s) to continue with."""
+    ckpt_dir, tag = found
+    client = _client_state(ckpt_dir / tag)
+    layout = client["layout"]
+    same = (layout["world_size"], layout["ep_size"]) == (plan.world_size, plan.cfg.parallel.ep_size)
+    if same:
+        engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+        set_rng_state(client["rng"][rank])
+    else:
+        load_universal(engine, ckpt_dir / tag, ep_rank)
+        engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        engine.global_steps = client["step"]
+        engine.global_samples = client["step"] * plan.ds_config["train_batch_size"]
+    progress = Progress(step=client["step"], tokens=dict(client["tokens"]),
+                        nonfinite_skipped=client.get("nonfinite_skipped", 0))
+    loader_state = client["loader"] if not same else client["loader"][rank]
+    if rank == 0:
+        how = "same layout" if same else (f"re-sharded from world {layout['world_size']} / ep {layout['ep_size']} "
+                                          f"to world {plan.world_size} / ep {plan.cfg.parallel.ep_size}")
+        print(f"resumed from {ckpt_dir / tag} at step {progress.step} ({how})", flush=True)
+    return progress, loader_state
+
+
+def _client_state(tag_dir: Path) -> dict[str, Any]:
+    """Our client state, stored by DeepSpeed inside mp_rank_00_model_states.pt."""
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    # DeepSpeed's own file written by this code (it pickles its config objects): full unpickling.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "moma" not in state:
+        raise FileNotFoundError(f"{path} holds no moma client state: not a checkpoint of `moma train`")
+    return state["moma"]
+
+
+def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, progress: Progress, ep_rank: int,
+          rank: int) -> None:
+    from deepspeed.utils import groups
+
+    ckpt_dir, tag = cfg.checkpoint_dir, f"global_step{progress.step}"
+    states: list[Any] = [None] * plan.world_size
+    dist.all_gather_object(states, {"loader": loader.state_dict(), "rng": rng_state()})
+    client = {"moma": {
+        "step": progress.step, "tokens": progress.tokens, "nonfinite_skipped": progress.nonfinite_skipped,
+        "loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
+        "layout": {"world_size": plan.world_size, "ep_size": cfg.parallel.ep_size,
+                   "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0)},
+        "lr_scheduler": engine.lr_scheduler.state_dict(), "config": cfg.to_json(), "vocab": plan.vocab.to_json(),
+        "model": plan.model.to_json()}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    if cfg.checkpoint.universal:
+        edp_rank = groups._get_expert_data_parallel_rank(expert_group_name(cfg.parallel.ep_size)) \
+            if plan.model.ffn_spec.learned_routing and plan.model.ffn_spec.kind != "dense" else 0
+        save_universal(engine, ckpt_dir / tag, ep_rank, edp_rank)
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        write_complete_and_latest(ckpt_dir, tag, cfg.checkpoint.keep)
+    dist.barrier()
+
+
+def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, progress: Progress, end: int,
+          info: Any, ep_rank: int) -> int:
+    device, gas = info.device, cfg.parallel.grad_accum
+    writer = MetricsWriter(Path(cfg.run_dir), cfg.logging.tensorboard) if info.is_main else None
+    stop = _Stop()
+    acc = plan.accounting
+    bar = tqdm(total=end, initial=progress.step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    batches = iter(loader)
+    in_a_row, code = 0, EXIT_OK
+    injected = Counter(cfg.debug_nonfinite_at)
+    while progress.step < end:
+        start = time.perf_counter()
+        ce = {"text": 0.0, "image": 0.0}
+        toks = {"text": 0, "image": 0}
+        keys: list[str] = []
+        done = 0
+        while done < gas:
+            batch = next(batches)
+            out = engine(batch["input_ids"].to(device), batch["labels"].to(device))
+            loss = out.loss
+            if in_a_row < injected[progress.step + 1]:
+                loss = loss * float("nan")  # fault injection (debug_nonfinite_at): exercises the skip path
+            finite = _all_reduce([float(torch.isfinite(loss.detach()).all())], device, dist.ReduceOp.MIN)[0]
+            if not finite:
+                progress.nonfinite_skipped += 1
+                in_a_row += 1
+                if info.is_main:
+                    tqdm.write(f"step {progress.step + 1}: non-finite loss, micro-batch skipped "
+                               f"({in_a_row} in a row, {progress.nonfinite_skipped} in all)")
+                if in_a_row > cfg.max_nonfinite_in_a_row:
+                    code = EXIT_NONFINITE
+                    break
+                continue
+            engine.backward(loss)
+            engine.step()
+            done += 1
+            for m in ("text", "image"):
+                ce[m] += float(out.ce_sum[m])
+                toks[m] += int(out.tokens[m])
+            keys += batch["doc_keys"]
+        if code != EXIT_OK:
+            break
+        in_a_row = 0
+        progress.step += 1
+        sums = _all_reduce([ce["text"], ce["image"], toks["text"], toks["image"], float(stop.requested)], device)
+        for m, t in zip(("text", "image"), sums[2:4]):
+            progress.tokens[m] += int(t)
+        digests: list[Any] = [None] * plan.world_size
+        dist.all_gather_object(digests, hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16])
+        seconds = time.perf_counter() - start
+        if info.is_main and progress.step % cfg.logging.every == 0:
+            n_text, n_image = sums[2], sums[3]
+            n = max(n_text + n_image, 1)
+            tokens_per_s = plan.tokens_per_step / seconds
+            flops = (acc.flops_per_token["text"] * n_text + acc.flops_per_token["image"] * n_image) / n
+            row = {
+                "step": progress.step, "loss": (sums[0] + sums[1]) / n,
+                "loss_text": sums[0] / n_text if n_text else None, "loss_image": sums[1] / n_image if n_image else None,
+                "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine), "tokens_per_s": round(tokens_per_s, 1),
+                "mfu": (flops * tokens_per_s / (cfg.logging.peak_flops * plan.world_size)
+                        if cfg.logging.peak_flops else None),
+                "step_seconds": round(seconds, 4), "tokens_seen": progress.tokens,
+                "nonfinite_skipped": progress.nonfinite_skipped, "bad_data": loader.bad_counts(),
+                "expert_load": expert_load(engine.module), "memory_mb": round(memory_mb(device), 1),
+                "docs_digest": hashlib.sha1("".join(digests).encode()).hexdigest()[:16],
+            }
+            writer.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", text=_fmt(row["loss_text"]), image=_fmt(row["loss_image"]))
+        bar.update(1)
+        preempted = sums[4] > 0
+        if preempted or progress.step == end or progress.step % cfg.checkpoint.every == 0:
+            _save(cfg, plan, engine, loader, progress, ep_rank, info.rank)
+        if preempted:
+            if info.is_main:
+                tqdm.write(f"preemption signal: checkpointed at step {progress.step}, exiting 0 (resume with "
+                           f"--resume auto)")
+            break
+    if code == EXIT_NONFINITE:
+        _save(cfg, plan, engine, loader, progress, ep_rank, info.rank)
+        if info.is_main:
+            tqdm.write(f"stopping: more than {cfg.max_nonfinite_in_a_row} non-finite losses in a row at step "
+                       f"{progress.step + 1}; checkpointed step {progress.step} (lower the learning rate or inspect "
+                       f"the data, then --resume auto)")
+    bar.close()
+    if writer:
+        writer.close()
+    return code
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -1,0 +1,126 @@
+"""Run configuration: typed parsing and overrides, every DeepSpeed preset and shipped config, the
+learning-rate schedule, and every config error caught before any process group exists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from training_fixtures import make_training_data, run_config, write_config
+
+from moma.pipeline.cli import main as cli_main
+from moma.pipeline.training.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config
+from moma.pipeline.training.ds_config import build_ds_config, preset_names
+from moma.pipeline.training.plan import plan_run
+from moma.pipeline.training.train import lr_lambda
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_training_data(tmp_path_factory.mktemp("train_data"))
+
+
+def test_every_deepspeed_preset_fills_and_parses() -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert {"zero1_fp32", "zero1_bf16", "zero2_fp32", "zero2_bf16", "zero2_offload_bf16"} <= set(preset_names())
+    for name in preset_names():
+        cfg = from_dict(TrainConfig, {"parallel": {"ds_config": name, "micro_batch": 3, "grad_accum": 2}})
+        ds = build_ds_config(cfg, world_size=1)
+        assert ds["train_batch_size"] == 6 and ds["optimizer"]["params"]["lr"] == cfg.optim.lr
+        assert "auto" not in json.dumps(ds), name
+        parsed = DeepSpeedConfig(ds)  # DeepSpeed's own validation of the filled file
+        assert parsed.train_batch_size == 6 and parsed.zero_optimization_stage in (1, 2), name
+
+
+def test_every_shipped_run_config_parses_and_plans_its_model() -> None:
+    from moma.pipeline.training.plan import model_config
+    from moma.tokenizers.vocab import TokenizerIdentity, Vocab
+
+    vocab = Vocab(text=TokenizerIdentity("tiktoken", "t", "0" * 64, 2032), image=TokenizerIdentity("vq", "i", "1" * 64, 1024))
+    configs = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(str(path))
+        model = model_config(cfg, vocab)
+        ds = build_ds_config(cfg, world_size=cfg.parallel.ep_size * 2)
+        from moma.pipeline.training.engine import check_parallel_layout
+
+        check_parallel_layout(model, cfg.parallel.ep_size, cfg.parallel.ep_size * 2, ds["zero_optimization"]["stage"])
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(None, ["optim.lr=3e-4", "parallel.ep_size=4", "data.keep_images_whole=true",
+                             "model.overrides.n_layers=2", "optim.betas=[0.9, 0.99]"])
+    assert cfg.optim.lr == 3e-4 and cfg.parallel.ep_size == 4 and cfg.data.keep_images_whole is True
+    assert cfg.model.overrides == {"n_layers": 2} and cfg.optim.betas == [0.9, 0.99]
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        load_config(None, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="parallel.ep_size: expected an integer"):
+        load_config(None, ["parallel.ep_size=two"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["lr"])
+
+
+def test_learning_rate_schedule() -> None:
+    cfg = load_config(None, ["max_steps=100", "schedule.warmup_steps=10"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(100) == pytest.approx(0.01) and f(55) == pytest.approx(1 - 0.99 * 0.5)  # linear to 1 %
+    cos = lr_lambda(load_config(None, ["max_steps=100", "schedule.warmup_steps=10", "schedule.decay=cosine"]))
+    assert cos(55) == pytest.approx(0.505) and cos(100) == pytest.approx(0.01)
+
+
+def test_plan_describes_the_run(data: dict[str, Path], tmp_path: Path) -> None:
+    cfg = from_dict(TrainConfig, run_config(data, tmp_path / "run"))
+    plan = plan_run(cfg, world_size=2)
+    text = plan.describe()
+    assert "2 x grad accum 1 x world size 2 = 4 sequences = 128 tokens per step" in text
+    assert "rank 1 (expert-parallel index 1, replica 0): text experts 2-3, image experts 2-3" in text
+    assert plan.accounting.total_params > plan.accounting.active_params["text"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"parallel__global_batch": 16}, "global_batch = 16, but micro_batch 2 x grad_accum 1 x world size 2 = 4"),
+    ({"model__ffn": "moma_3t4i"}, "num_experts % ep_size"),
+    ({"parallel__ds_config": "zero3"}, "ZeRO stage 3"),
+    ({"parallel__ds_config": "nope"}, "unknown preset 'nope'"),
+    ({"model__preset": "7b"}, "unknown model preset '7b'"),
+    ({"model__overrides": {"n_layer": 3}}, "n_layer"),
+    ({"data__sources": [{"path": "/nonexistent/shards"}]}, "/nonexistent/shards"),
+    ({"parallel__ep_size": 3}, "not a multiple of expert-parallel size 3"),
+])
+def test_config_errors_before_launch(data: dict[str, Path], tmp_path: Path, change: dict, message: str) -> None:
+    raw = run_config(data, tmp_path / "run", **change)
+    if raw["parallel"]["ds_config"] == "zero3":
+        zero3 = tmp_path / "zero3.json"
+        zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto",
+                                     "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+        raw["parallel"]["ds_config"] = str(zero3)
+    with pytest.raises((ConfigError, ValueError), match=message):
+        plan_run(from_dict(TrainConfig, raw), world_size=2)
+
+
+def test_tokenizer_mismatch_is_a_config_error(data: dict[str, Path], tmp_path: Path) -> None:
+    from moma.tokenizers.bpe_train import train_bpe
+
+    (tmp_path / "c.txt").write_text("something else entirely\n" * 40)
+    train_bpe([str(tmp_path / "c.txt")], 300, tmp_path / "other", progress=False)
+    cfg = from_dict(TrainConfig, run_config(data, tmp_path / "run", tokenizers__text=str(tmp_path / "other")))
+    with pytest.raises(ConfigError, match="text tokenizer mismatch.*manifest.json has .*run's tokenizers has"):
+        plan_run(cfg, world_size=2)
+
+
+def test_cli_dry_run_and_check(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_config(run_config(data, tmp_path / "run"), tmp_path / "run.yaml")
+    assert cli_main(["train", str(path), "--dry-run", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    for section in ("# resolved config", "# batch arithmetic", "# model", "# expert placement", "# data"):
+        assert section in out
+    assert cli_main(["train", str(path), "--check", "--world-size", "2"]) == 0
+    assert cli_main(["train", str(path), "model.ffn=moma_3t3i", "--check", "--world-size", "2"]) == 2
+    assert "cannot be split evenly" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written

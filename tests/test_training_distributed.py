@@ -1,0 +1,159 @@
+"""`moma train` for real: the deepspeed launcher, 2 gloo ranks, ZeRO-2, expert parallel 2, fp32.
+
+* 2N steps uninterrupted vs N steps, SIGKILL, resume to 2N: equal per-step losses, same documents;
+* resume on another layout (1 rank, expert parallel 1) through the universal copy: every parameter
+  and Adam moment restored exactly, training and the data stream go on;
+* export: consolidated safetensors, reloaded on one process, gives the training engine's logits;
+* non-finite losses skipped and counted; too many in a row checkpoint and stop;
+* SIGTERM (preemption) to the ranks: checkpoint, exit 0, resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from launch_fixtures import REPO, VENV_BIN, cpu_env, free_port, run_deepspeed, run_single
+from training_fixtures import make_training_data, run_config, write_config
+
+from moma.pipeline.training.export import export_checkpoint, load_exported
+from moma.pipeline.training.metrics import read_metrics
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+N = 4
+TRAIN = ["--module", "moma.pipeline.cli", "train"]
+
+
+def launch_cmd(config: Path, *extra: str) -> list[str]:
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *TRAIN, str(config),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_training_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("a")
+    config = write_config(run_config(data, d / "run", max_steps=2 * N), d / "run.yaml")
+    run_deepspeed([*TRAIN, str(config), "--resume", "auto"], log=d / "log")
+    return d
+
+
+def test_sigkill_then_resume_continues_exactly(uninterrupted: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    config = write_config(run_config(data, tmp_path / "run", max_steps=2 * N), tmp_path / "run.yaml")
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    proc = subprocess.Popen(launch_cmd(config, "--resume", "auto"), cwd=REPO, env=cpu_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text() == f"global_step{N}":
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to clean up
+    proc.wait()
+    run_deepspeed([*TRAIN, str(config), "--resume", "auto"], log=tmp_path / "log2")
+
+    a, b = read_metrics(uninterrupted / "run"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 2 * N + 1))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_text", "loss_image"):  # None: no target of that modality in the step
+            same = ra[key] == rb[key] or (None not in (ra[key], rb[key]) and abs(ra[key] - rb[key]) <= 1e-6)
+            assert same, (ra["step"], key, ra[key], rb[key])
+        assert ra["docs_digest"] == rb["docs_digest"], ra["step"]  # the same documents, step by step
+    assert b[-1]["tokens_seen"] == a[-1]["tokens_seen"]
+
+
+def test_resume_on_another_layout_restores_everything(uninterrupted: Path, data: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    ckpt = uninterrupted / "run" / "checkpoints"
+    one_rank = ["parallel.ep_size=1", "parallel.grad_accum=2"]
+    # load the 2-rank / ep-2 checkpoint into a 1-rank / ep-1 engine and write back what it holds
+    run_single(["tests/dist/checkpoint_probe.py", "--config", str(uninterrupted / "run.yaml"), "--checkpoint",
+                str(ckpt), "--universal", str(tmp_path / "reloaded"), *one_rank])
+    saved = _merged(ckpt / f"global_step{2 * N}" / "universal")
+    reloaded = _merged(tmp_path / "reloaded" / "universal")
+    assert saved.keys() == reloaded.keys() and len(saved) > 10
+    for name, entry in saved.items():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(entry[key], reloaded[name][key]), (name, key)
+    # and training goes on from there on one rank
+    config = write_config(run_config(data, tmp_path / "run", max_steps=2 * N + 2), tmp_path / "run.yaml")
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "run" / "checkpoints")
+    proc = run_single(["-m", "moma.pipeline.cli", "train", str(config), *one_rank, "--resume", "auto"])
+    assert "re-sharded from world 2 / ep 2 to world 1 / ep 1" in proc.stdout + proc.stderr
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows][-2:] == [2 * N + 1, 2 * N + 2]
+    assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in rows[-2:])
+
+
+def _merged(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict = {}
+    for f in sorted(directory.glob("rank*.pt")):
+        part = torch.load(f, weights_only=True)
+        part.pop("__step__")
+        out.update(part)
+    return out
+
+
+def test_export_reloads_to_the_engines_logits(uninterrupted: Path, tmp_path: Path) -> None:
+    ckpt = uninterrupted / "run" / "checkpoints"
+    run_deepspeed(["tests/dist/checkpoint_probe.py", "--config", str(uninterrupted / "run.yaml"), "--checkpoint",
+                   str(ckpt), "--logits", str(tmp_path / "logits")])
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "vocab.json"}
+    model = load_exported(out)
+    for rank in (0, 1):
+        rec = torch.load(tmp_path / "logits" / f"rank{rank}.pt", weights_only=True)
+        with torch.no_grad():
+            mine = model(rec["ids"]).logits
+        assert torch.allclose(mine, rec["logits"], atol=1e-5), float((mine - rec["logits"]).abs().max())
+    experts = [k for k in json.loads((out / "export.json").read_text()) if k]
+    assert experts  # export.json written
+
+
+def test_nonfinite_losses_are_skipped_then_stop(data: dict[str, Path], tmp_path: Path) -> None:
+    cfg = run_config(data, tmp_path / "run", max_steps=10, debug_nonfinite_at=[2, 5, 5, 5],
+                     max_nonfinite_in_a_row=2)
+    config = write_config(cfg, tmp_path / "run.yaml")
+    with pytest.raises(AssertionError, match="exited"):
+        run_deepspeed([*TRAIN, str(config), "--resume", "auto"], log=tmp_path / "log")
+    log = (tmp_path / "log").read_text()
+    assert "non-finite loss, micro-batch skipped" in log and "stopping: more than 2 non-finite losses" in log
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["step"] == 4 and rows[1]["nonfinite_skipped"] == 1  # step 2 skipped a micro-batch, went on
+    assert "(3 in a row, 4 in all)" in log  # step 5: the third in a row is one too many
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "global_step4"
+
+
+def test_sigterm_checkpoints_and_exits_zero(data: dict[str, Path], tmp_path: Path) -> None:
+    config = write_config(run_config(data, tmp_path / "run", max_steps=400, checkpoint__every=1000), tmp_path / "r.yaml")
+    proc = subprocess.Popen(launch_cmd(config, "--resume", "auto"), cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)  # not their DataLoader workers
+             if "moma.pipeline.cli" in " ".join(c.cmdline()) and "launcher.launch" in " ".join(c.parent().cmdline())]
+    assert len(ranks) == 2
+    for r in ranks:  # what SLURM / srun does at preemption: signal every task
+        r.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption signal: checkpointed at step" in out
+    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("global_step"))
+    assert 3 <= step < 400 and read_metrics(tmp_path / "run")[-1]["step"] == step
