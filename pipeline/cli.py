@@ -122,9 +122,25 @@ def parse_assignments(items: Sequence[str]) -> dict[str, object]:
 
 
 def resolve_image_inputs(specs: Sequence[str]) -> list:
+    """Image files (directories, list files, paths) or KIND:PATH shard sources (their images)."""
+    from moma.pipeline.documents import Document, ImageSegment
+    from moma.pipeline.readers.base import ReaderOptions, make_reader, reader_kinds
     from moma.tokenizers.image_preprocess import find_images
 
-    return list(find_images(list(specs)))
+    sources: list = []
+    for spec in specs:
+        if spec.split(":", 1)[0] in reader_kinds() and ":" in spec:
+            reader = make_reader(spec, ReaderOptions(), 0)
+            seen = set()
+            for unit in reader.units():
+                for record in reader.read(unit):
+                    for seg in record.segments if isinstance(record, Document) else ():
+                        if isinstance(seg, ImageSegment) and seg.identity() not in seen:
+                            seen.add(seg.identity())
+                            sources.append(seg.source)
+        else:
+            sources += find_images([spec])
+    return sources
 
 
 def _cmd_train_image(args: argparse.Namespace) -> int:

@@ -95,8 +95,9 @@ def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, st
         _run(_moma("tokenizer", "train-text", "--input", *_plays(), str(shapes / "*.txt"), "--vocab-size", "2048",
                    "--out", str(tok / "text"), "--name", "demo-bpe-2048"))
     if not (tok / "image" / "image_tokenizer.json").exists():
+        # flat synthetic pictures train best at a lower learning rate than photos (see vq_train.py)
         _run(_moma("tokenizer", "train-image", "--images", str(shapes), "--preset", "tiny", "--max-minutes",
-                   str(image_minutes), "--out", str(tok / "image")))
+                   str(image_minutes), "--lr", "3e-4", "--batch-size", "16", "--out", str(tok / "image")))
     _run(_moma("tokenizer", "eval-image", "--tokenizer", str(tok / "image"), "--images",
                *[str(p) for p in sorted(shapes.glob("*.png"))[-64:]], "--grid", str(out / "vq_recon.png")))
 
@@ -112,8 +113,9 @@ def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, st
     cfg_path = out / "demo_config.yaml"
     cfg_path.write_text(yaml.safe_dump(demo_config(out, steps), sort_keys=False))
     _run(_moma("train", str(cfg_path), "--check", "--world-size", str(ranks)))
-    launch = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks), "--module", "moma.pipeline.cli",
-              "train", str(cfg_path)]
+    deepspeed = Path(sys.executable).parent / "deepspeed"  # the launcher installed beside this Python
+    launch = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(ranks), "--module",
+              "moma.pipeline.cli", "train", str(cfg_path)]
     half = steps // 2
     print(f"-- phase 1: steps 1-{half}, checkpoint, stop")
     _run(launch + [f"stop_at_step={half}", "--resume", "auto"], env=_launcher_env())
@@ -141,10 +143,8 @@ def summarize(run_dir: Path) -> str:
 
     first, last = rows[:10], rows[-10:]
     lines = ["per-modality training loss (nats/token, mean of 10 steps):",
-             f"  steps {first[0]['step']}-{first[-1]['step']}: all {avg('loss', first)}, text {avg('loss_text', first)},"
-             f" image {avg('loss_image', first)}",
-             f"  steps {last[0]['step']}-{last[-1]['step']}: all {avg('loss', last)}, text {avg('loss_text', last)},"
-             f" image {avg('loss_image', last)}",
+             *(f"  steps {part[0]['step']}-{part[-1]['step']}: all {avg('loss', part)}, "
+               f"text {avg('loss_text', part)}, image {avg('loss_image', part)}" for part in (first, last)),
              f"  tokens seen: {json.dumps(rows[-1]['tokens_seen'])}; skipped non-finite steps: "
              f"{rows[-1]['nonfinite_skipped']}; bad data: {rows[-1]['bad_data'] or 'none'}",
              f"  expert load at the end: {json.dumps(rows[-1]['expert_load'])}"]

@@ -84,7 +84,8 @@ def write_parquet(d: Path, n: int = 6, struct_images: bool = False) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     images = [png(i) for i in range(n)]
     column = pa.array([{"bytes": b, "path": None} for b in images]) if struct_images else pa.array(images, pa.binary())
-    table = pa.table({"key": [f"k{i}" for i in range(n)], "jpg": column, "caption": [CAPTIONS[i % 8] for i in range(n)]})
+    table = pa.table({"key": [f"k{i}" for i in range(n)], "jpg": column,
+                      "caption": [CAPTIONS[i % 8] for i in range(n)]})
     path = d / "part-0.parquet"
     pq.write_table(table, path, row_group_size=2)  # three row groups: the reader's units
     return path

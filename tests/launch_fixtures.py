@@ -41,7 +41,8 @@ def run_deepspeed(args: list[str], nprocs: int = 2, timeout: float = 600, log: P
     return _run(cmd, cpu_env(**env), timeout, log)
 
 
-def run_single(args: list[str], timeout: float = 600, log: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+def run_single(args: list[str], timeout: float = 600, log: Path | None = None,
+               **env: str) -> subprocess.CompletedProcess:
     """One process with a world of size 1 (what torchrun --nproc_per_node 1 would export)."""
     extra = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     extra.update(env)

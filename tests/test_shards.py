@@ -153,7 +153,7 @@ def test_round_trip_documents_to_shards_and_back(built: Path, corpus: list[str],
     assert manifest.totals["rejects_by_reason"] == {"missing_image": 4}  # write_coco's 2 absent images x 2 captions
     by_id = {}
     for s in manifest.shards:
-        for key, tokens, meta in iter_samples(built / s.name):
+        for _, tokens, meta in iter_samples(built / s.name):
             by_id[(json.loads(meta)["source"], json.loads(meta)["id"])] = tokens
     assert len(by_id) == manifest.totals["docs"]
     # every document decodes back to its reader's segments: text exactly, images as their codes

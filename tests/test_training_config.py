@@ -40,7 +40,8 @@ def test_every_shipped_run_config_parses_and_plans_its_model() -> None:
     from moma.pipeline.training.plan import model_config
     from moma.tokenizers.vocab import TokenizerIdentity, Vocab
 
-    vocab = Vocab(text=TokenizerIdentity("tiktoken", "t", "0" * 64, 2032), image=TokenizerIdentity("vq", "i", "1" * 64, 1024))
+    vocab = Vocab(text=TokenizerIdentity("tiktoken", "t", "0" * 64, 2032),
+                  image=TokenizerIdentity("vq", "i", "1" * 64, 1024))
     configs = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
     assert configs
     for path in configs:

@@ -139,7 +139,8 @@ def test_nonfinite_losses_are_skipped_then_stop(data: dict[str, Path], tmp_path:
 
 
 def test_sigterm_checkpoints_and_exits_zero(data: dict[str, Path], tmp_path: Path) -> None:
-    config = write_config(run_config(data, tmp_path / "run", max_steps=400, checkpoint__every=1000), tmp_path / "r.yaml")
+    config = write_config(run_config(data, tmp_path / "run", max_steps=400, checkpoint__every=1000),
+                          tmp_path / "r.yaml")
     proc = subprocess.Popen(launch_cmd(config, "--resume", "auto"), cwd=REPO, env=cpu_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -33,7 +33,8 @@ def make_training_data(d: Path) -> dict[str, Path]:
 def run_config(data: dict[str, Path], run_dir: Path, **top: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "run_dir": str(run_dir), "seed": 0, "max_steps": 8,
-        "data": {"sources": [{"path": str(data["captions"]), "weight": 0.7}, {"path": str(data["books"]), "weight": 0.3}],
+        "data": {"sources": [{"path": str(data["captions"]), "weight": 0.7},
+                             {"path": str(data["books"]), "weight": 0.3}],
                  "seq_len": 32, "num_workers": 1, "shuffle_buffer": 16},
         "tokenizers": {"text": str(data["text"]), "image": str(data["image"])},
         "model": {"preset": "tiny", "ffn": "moma_4t4i",

@@ -30,9 +30,10 @@ CONFIG_FILE = "image_tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 
 PRESETS: dict[str, VQConfig] = {
-    # CPU-trainable: 64 px, f = 8 -> 8 x 8 = 64 tokens per image, K = 1024.
-    "tiny": VQConfig(resolution=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, embed_dim=8,
-                     codebook_size=1024, fsq_levels=(8, 5, 5, 5)),
+    # CPU-trainable: 64 px, f = 8 -> 8 x 8 = 64 tokens per image, K = 1024. Narrow at full resolution,
+    # wide at 8 x 8 (the cost of a conv grows with pixels x channels^2): ~45 training img/s on 2 cores.
+    "tiny": VQConfig(resolution=64, ch=16, ch_mult=(1, 2, 4, 8), num_res_blocks=1, z_channels=64, embed_dim=8,
+                     codebook_size=1024, fsq_levels=(8, 5, 5, 5), norm_groups=4),
     # GPU-scale: 256 px, f = 16 -> 256 tokens, K = 8192 (FSQ: 8*8*8*4*4 = 8192).
     "base": VQConfig(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                      z_channels=256, embed_dim=8, codebook_size=8192, fsq_levels=(8, 8, 8, 4, 4)),

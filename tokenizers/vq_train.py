@@ -42,9 +42,11 @@ class ImageTrainConfig:
     steps: int | None = None
     max_minutes: float | None = None
     batch_size: int = 32
-    lr: float = 1e-3
+    # Measured on the tiny preset: flat synthetic pictures train best at 3e-4 (19.5 dB after 300 steps,
+    # 16.5 at 1e-3); COCO photos at 1e-3 (19.35 dB after 4 min, 18.3 at 3e-4). Between the two:
+    lr: float = 5e-4
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     recon_loss: str = "l1+l2"  # "l1" | "l2" | "l1+l2"
     crop_min: float = 0.6  # random squares of 60-100 % of the shorter side, plus flips
@@ -225,7 +227,8 @@ def train_image_tokenizer(sources: Sequence[ImageSource], out_dir: str | os.Path
         if env.main and step % cfg.log_every == 0:
             now = time.perf_counter()
             stats = codebook_stats(torch.cat(window_codes).numpy(), vq_cfg.num_codes)
-            row = {"step": step, "loss": loss.detach().item(), "recon": recon.detach().item(), "q_loss": float(q_loss.detach()),
+            row = {"step": step, "loss": loss.detach().item(), "recon": recon.detach().item(),
+                   "q_loss": float(q_loss.detach()),
                    "lr": lr, "img_per_s": cfg.batch_size * env.world * cfg.log_every / (now - last_log),
                    "codebook_usage": stats["usage"], "perplexity": stats["perplexity"], "restarted": restarted,
                    "elapsed_min": (elapsed_before + now - start) / 60}

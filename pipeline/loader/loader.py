@@ -44,7 +44,7 @@ STATE_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class DataSource:
     path: str  # a shard directory, or DIR/prefix-{000000..000123}.tar for a subset of its shards
-    weight: float = 1.0
+    weight: float = 1.0  # share of the *tokens* drawn from this source (normalised over sources)
 
     @classmethod
     def parse(cls, spec: str) -> "DataSource":
@@ -163,12 +163,23 @@ class PackedLoader:
                                        boi_id=v.boi_id, eoi_id=v.eoi_id, keep_images_whole=cfg.keep_images_whole,
                                        strict=cfg.strict)
         self.plans = [SourcePlan(r.docs) for r in self.resolved]
-        self.stream_sources = [StreamSource(r.shard_paths, plan, r.source.weight)
-                               for r, plan in zip(self.resolved, self.plans)]
+        self.stream_sources = [StreamSource(r.shard_paths, plan, draw)
+                               for r, plan, draw in zip(self.resolved, self.plans, self._draw_weights())]
         self.consumed = 0
         self.stream_states: dict[int, Any] = {}
         if state is not None:
             self._restore(state)
+
+    def _draw_weights(self) -> list[float]:
+        """Weights are shares of tokens; documents are drawn one at a time, so a source's draw
+        probability is its weight over its mean document length (a 40k-token book and a 90-token
+        caption pair must not count alike)."""
+        out = []
+        for r in self.resolved:
+            used = {Path(p).name for p in r.shard_paths}
+            tokens = sum(s.text_tokens + s.image_tokens for s in r.manifest.shards if s.name in used)
+            out.append(r.source.weight / max(tokens / max(sum(r.docs), 1), 1.0))
+        return out
 
     # --- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:

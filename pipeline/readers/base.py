@@ -106,12 +106,16 @@ def register(kind: str) -> Callable[[type[Reader]], type[Reader]]:
     return deco
 
 
+def reader_kinds() -> list[str]:
+    from moma.pipeline.readers import captions, interleaved, text  # noqa: F401  (they register themselves)
+
+    return sorted(READERS)
+
+
 def make_reader(spec: str, options: ReaderOptions, source_index: int) -> Reader:
     """`KIND:PATH` -> a reader. Raises ValueError naming the known kinds."""
-    from moma.pipeline.readers import captions, interleaved, text  # noqa: F401  (registration)
-
     kind, sep, path = spec.partition(":")
-    if not sep or kind not in READERS:
+    if not sep or kind not in reader_kinds():
         raise ValueError(f"source {spec!r}: expected KIND:PATH with KIND one of {sorted(READERS)}")
     if not path:
         raise ValueError(f"source {spec!r}: empty path")

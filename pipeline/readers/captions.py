@@ -13,9 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from moma.pipeline.documents import Document, ImageSegment, Record, Reject, TextSegment, caption_pair, clean_caption
-from moma.pipeline.readers.base import (Reader, cached_json, chunked_units, expand_paths, register,
-                                        resolve_image_path)
+from moma.pipeline.documents import Document, ImageSegment, Record, Reject, caption_pair, clean_caption
+from moma.pipeline.readers.base import (Reader, cached_json, chunked_units, expand_paths, register)
 from moma.tokenizers.image_preprocess import IMAGE_SUFFIXES
 
 IMAGE_MEMBER_SUFFIXES = ("jpg", "jpeg", "png", "webp")

@@ -262,7 +262,8 @@ def merge(out: str | Path, max_reject_fraction: float | None = None) -> Manifest
             f.write((staging / f"part-{r.index:05d}" / REJECTS).read_bytes())
     written = sum(s.docs for s in shards)
     assert written + rejected == inputs, "partition accounting does not add up"
-    totals = {"docs": written, "inputs": inputs, "rejected": rejected, "rejects_by_reason": dict(sorted(reasons.items())),
+    totals = {"docs": written, "inputs": inputs, "rejected": rejected,
+              "rejects_by_reason": dict(sorted(reasons.items())),
               "tokens": {"text": sum(s.text_tokens for s in shards), "image": sum(s.image_tokens for s in shards)}}
     vocab = Vocab.from_json(settings.pop("vocab"), source=str(staging / "build.json"))
     manifest = Manifest(vocab=vocab, shards=shards, build={"settings": settings}, totals=totals)

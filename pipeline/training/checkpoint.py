@@ -109,12 +109,15 @@ def _link_zero_optimizer_state(engine: Any, create_at_step: int | None = None) -
 
     zero = engine.optimizer
     base = zero.optimizer
-    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+    # DeepSpeedZeroOptimizer (ZeRO 1/2) and BF16_Optimizer (bf16 + ZeRO 1) name their groups differently
+    flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
+    lows = getattr(zero, "bit16_groups", None) or zero.bf16_groups
+    for low, flat in zip(lows, flats):
         state = base.state[flat]
         if create_at_step is not None and not state:
             state.update(step=torch.tensor(float(create_at_step)), exp_avg=torch.zeros_like(flat),
                          exp_avg_sq=torch.zeros_like(flat))
-        lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, base.state)
+        lazy_init_hp_params_optimizer_state(low, flat, base.state)
 
 
 def save_universal(engine: Any, directory: Path, ep_rank: int, edp_rank: int) -> None:
@@ -138,7 +141,7 @@ def save_universal(engine: Any, directory: Path, ep_rank: int, edp_rank: int) ->
         owner = edp_rank == 0 if _is_expert(name) else rank == 0
         if owner:
             out[names[name]] = {"fp32": fp32.detach().cpu().clone(),
-                                **{k: (v.detach().cpu().clone() if v is not None else None) for k, v in moments.items()}}
+                                **{k: v.detach().cpu().clone() if v is not None else None for k, v in moments.items()}}
     steps = [int(s["step"]) for s in _adam_states(engine)]
     if out:
         out["__step__"] = max(steps) if steps else 0

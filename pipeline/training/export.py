@@ -79,7 +79,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     write_json_atomic(out / "config.json", client["model"])
     write_json_atomic(out / "vocab.json", client["vocab"])
     write_json_atomic(out / "export.json", {"checkpoint": str(tag_dir), "step": client["step"],
-                                            "tokens": client["tokens"], "parameters": sum(v.numel() for v in state.values())})
+                                            "tokens": client["tokens"],
+                                            "parameters": sum(v.numel() for v in state.values())})
     return out
 
 

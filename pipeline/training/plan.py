@@ -68,8 +68,9 @@ class RunPlan:
                  f"tokens", f"ZeRO stage {zero_stage(ds)}, {precision(ds)}, expert-parallel size {c.parallel.ep_size}, "
                  f"data-parallel size {self.world_size}", "",
                  "# model", f"{self.model.ffn} {c.model.preset}: {acc.total_params / m:.2f} M parameters "
-                 f"({acc.expert_params / m:.2f} M in experts); active per token text {acc.active_params['text'] / m:.2f} M,"
-                 f" image {acc.active_params['image'] / m:.2f} M; training FLOPs per token text "
+                 f"({acc.expert_params / m:.2f} M in experts); active per token text "
+                 f"{acc.active_params['text'] / m:.2f} M, image {acc.active_params['image'] / m:.2f} M; "
+                 f"training FLOPs per token text "
                  f"{acc.flops_per_token['text'] / 1e9:.4f} G, image {acc.flops_per_token['image'] / 1e9:.4f} G",
                  self.vocab.describe(), "", "# expert placement", *self.expert_layout(), "",
                  "# data", *(f"{s.path} (weight {s.weight}): {mf.totals['docs']} docs, {mf.totals['tokens']}"
