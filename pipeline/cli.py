@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from moma.pipeline.errors import MomaError
 
@@ -92,7 +92,7 @@ def _cmd_show_text(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_text_tokenizer(tok: "TextTokenizer", sample: str) -> str:  # noqa: F821 (lazy import)
+def show_text_tokenizer(tok: TextTokenizer, sample: str) -> str:  # noqa: F821 (lazy import)
     ids = tok.encode(sample)
     pieces = " ".join(f"[{tok.token_bytes(i).decode('utf-8', 'replace')}]" for i in ids)
     lines = [

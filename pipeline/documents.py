@@ -12,7 +12,6 @@ import hashlib
 import random
 import re
 from pathlib import Path
-from typing import Union
 
 from moma.tokenizers.image_preprocess import ImageSource
 
@@ -34,7 +33,7 @@ class ImageSegment:
         return "path:" + str(Path(self.source).resolve())
 
 
-Segment = Union[TextSegment, ImageSegment]
+Segment = TextSegment | ImageSegment
 
 
 @dataclasses.dataclass
@@ -57,10 +56,11 @@ class Reject:
     detail: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
+        # not dataclasses.asdict: its recursive deep copy dominated builds with many rejects
+        return {"source": self.source, "record_id": self.record_id, "reason": self.reason, "detail": self.detail}
 
 
-Record = Union[Document, Reject]
+Record = Document | Reject
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 

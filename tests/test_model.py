@@ -23,9 +23,9 @@ def small(ffn: str = "moma_4t4i", **kw: object) -> ModelConfig:
                        max_seq_len=64, **kw)
 
 
-def mixed_ids(b: int = 2, l: int = 24, seed: int = 0) -> torch.Tensor:
+def mixed_ids(b: int = 2, t: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 200, (b, l), generator=g)
+    ids = torch.randint(0, 200, (b, t), generator=g)
     ids[:, 5:15] = torch.randint(200, 300, (b, 10), generator=g)
     return ids
 

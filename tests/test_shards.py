@@ -15,8 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from corpus_fixtures import (CAPTIONS, make_tokenizers, write_bad_corpus, write_coco, write_folder,
-                             write_img2dataset, write_llava, write_mmc4, write_obelics, write_parquet, write_text)
+from corpus_fixtures import (
+    CAPTIONS,
+    make_tokenizers,
+    write_bad_corpus,
+    write_coco,
+    write_folder,
+    write_img2dataset,
+    write_llava,
+    write_mmc4,
+    write_obelics,
+    write_parquet,
+    write_text,
+)
 
 from moma.pipeline.cli import main as cli_main
 from moma.pipeline.documents import Document, ImageSegment, Reject, TextSegment

@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moma.tokenizers.bpe_train import train_bpe
-from moma.tokenizers.text import (OFFICIAL_RANKS, RanksFileError, TextTokenizer, _data_gym_alphabet,
-                                  serialize_ranks)
+from moma.tokenizers.text import OFFICIAL_RANKS, RanksFileError, TextTokenizer, _data_gym_alphabet, serialize_ranks
 from moma.tokenizers.vocab import SPECIAL_TOKENS, IdentityMismatchError
 
 ASSETS = Path(str(importlib.resources.files("moma.pipeline") / "assets" / "text"))

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moma.tokenizers.vocab import (SPECIAL_TOKENS, IdentityMismatchError, TokenizerIdentity, Vocab,
-                                   check_identity)
+from moma.tokenizers.vocab import SPECIAL_TOKENS, IdentityMismatchError, TokenizerIdentity, Vocab, check_identity
 
 TEXT = TokenizerIdentity(kind="tiktoken", name="t", sha256="a" * 64, size=1000, extra={"pattern": "p"})
 IMAGE = TokenizerIdentity(kind="vq", name="i", sha256="b" * 64, size=64, extra={"resolution": 64})

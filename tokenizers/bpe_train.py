@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from tqdm import tqdm
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import multiprocessing as mp
-from typing import Iterable, Iterator, Union
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image
 from moma.tokenizers.image_tokenizer import ImageTokenizer
 
-EncodeResult = Union[np.ndarray, ImageError]
+EncodeResult = np.ndarray | ImageError
 
 
 def _preprocess(src: ImageSource, resolution: int, max_pixels: int) -> np.ndarray | ImageError:
@@ -38,7 +38,7 @@ class BatchImageEncoder:
         self.max_pixels = max_pixels
         self._pool: mp.pool.Pool | None = None
 
-    def __enter__(self) -> "BatchImageEncoder":
+    def __enter__(self) -> BatchImageEncoder:
         return self
 
     def __exit__(self, *exc: object) -> None:

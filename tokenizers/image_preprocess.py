@@ -23,13 +23,12 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8k x 8k; PIL's own bomb guard would allow 178 M before erroring
-ImageSource = Union[str, os.PathLike, bytes]
+ImageSource = str | os.PathLike | bytes
 
 
 class ImageError(ValueError):
@@ -169,7 +168,7 @@ def find_images(specs: list[str]) -> list[Path]:
     return found
 
 
-def to_tensor_batch(images: list[np.ndarray]) -> "torch.Tensor":  # noqa: F821
+def to_tensor_batch(images: list[np.ndarray]) -> torch.Tensor:  # noqa: F821
     """uint8 [R, R, 3] arrays -> float [N, 3, R, R] in [-1, 1] (the VQGAN input convention)."""
     import torch
 
@@ -177,7 +176,7 @@ def to_tensor_batch(images: list[np.ndarray]) -> "torch.Tensor":  # noqa: F821
     return batch.div_(127.5).sub_(1.0)
 
 
-def from_tensor_batch(x: "torch.Tensor") -> np.ndarray:  # noqa: F821
+def from_tensor_batch(x: torch.Tensor) -> np.ndarray:  # noqa: F821
     """float [N, 3, R, R] in [-1, 1] -> uint8 [N, R, R, 3]."""
     arr = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte()
     return arr.permute(0, 2, 3, 1).cpu().numpy()

@@ -128,7 +128,7 @@ class ImageTokenizer:
         return directory
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> "ImageTokenizer":
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ImageTokenizer:
         """A train-image output dir, a training checkpoint (.pt), or a Chameleon vqgan.ckpt (+ vqgan.yaml)."""
         path = Path(path)
         if path.is_dir():
@@ -144,7 +144,7 @@ class ImageTokenizer:
         return cls._load_training_checkpoint(path, device)
 
     @classmethod
-    def _load_dir(cls, directory: Path, device: str | torch.device) -> "ImageTokenizer":
+    def _load_dir(cls, directory: Path, device: str | torch.device) -> ImageTokenizer:
         from safetensors.torch import load_file
 
         meta = json.loads((directory / CONFIG_FILE).read_text())
@@ -158,7 +158,7 @@ class ImageTokenizer:
         return tok
 
     @classmethod
-    def _load_training_checkpoint(cls, path: Path, device: str | torch.device) -> "ImageTokenizer":
+    def _load_training_checkpoint(cls, path: Path, device: str | torch.device) -> ImageTokenizer:
         # Our training checkpoints hold only tensors and plain containers: weights_only loading is safe.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:

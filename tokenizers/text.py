@@ -21,8 +21,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import tiktoken
 
@@ -174,7 +174,7 @@ class TextTokenizer:
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike[str], pattern: str | None = None) -> "TextTokenizer":
+    def load(cls, path: str | os.PathLike[str], pattern: str | None = None) -> TextTokenizer:
         """Load from a moma tokenizer dir, a .tiktoken file, or GPT-2's encoder.json + vocab.bpe."""
         path = Path(path)
         if path.is_dir():
@@ -188,7 +188,7 @@ class TextTokenizer:
         return cls._load_tiktoken(path, pattern, meta=path.with_suffix(".json"))
 
     @classmethod
-    def _load_tiktoken(cls, path: Path, pattern: str | None, meta: Path) -> "TextTokenizer":
+    def _load_tiktoken(cls, path: Path, pattern: str | None, meta: Path) -> TextTokenizer:
         data = _read(path)
         sha = sha256_bytes(data)
         official = OFFICIAL_RANKS.get(sha)
@@ -208,7 +208,7 @@ class TextTokenizer:
         return cls(parse_tiktoken_ranks(data, str(path)), pattern, name, source=str(path))
 
     @classmethod
-    def _load_gpt2(cls, encoder_json: Path, vocab_bpe: Path, pattern: str | None) -> "TextTokenizer":
+    def _load_gpt2(cls, encoder_json: Path, vocab_bpe: Path, pattern: str | None) -> TextTokenizer:
         return cls(parse_gpt2_ranks(encoder_json, vocab_bpe), pattern or "gpt2", "gpt2", source=str(vocab_bpe))
 
     def check_vocab(self, vocab_path: str | os.PathLike[str]) -> Vocab:

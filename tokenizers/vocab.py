@@ -56,14 +56,14 @@ class TokenizerIdentity:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TokenizerIdentity":
+    def from_json(cls, data: dict[str, Any]) -> TokenizerIdentity:
         return cls(kind=data["kind"], name=data["name"], sha256=data["sha256"], size=int(data["size"]),
                    extra=dict(data.get("extra", {})))
 
     def short(self) -> str:
         return f"{self.kind}:{self.name}@{self.sha256[:12]}"
 
-    def same_as(self, other: "TokenizerIdentity") -> bool:
+    def same_as(self, other: TokenizerIdentity) -> bool:
         # name is a label only; what matters is the bytes and how they are applied
         return (self.kind, self.sha256, self.size, self.extra) == (other.kind, other.sha256, other.size,
                                                                    other.extra)
@@ -170,7 +170,7 @@ class Vocab:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], *, source: str = "<vocab>") -> "Vocab":
+    def from_json(cls, data: dict[str, Any], *, source: str = "<vocab>") -> Vocab:
         if data.get("format") != VOCAB_FORMAT:
             raise ValueError(f"{source}: not a moma vocabulary (format {data.get('format')!r}, "
                              f"expected {VOCAB_FORMAT!r})")
@@ -188,7 +188,7 @@ class Vocab:
         write_json_atomic(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Vocab":
+    def load(cls, path: str | os.PathLike[str]) -> Vocab:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:

@@ -83,7 +83,7 @@ class VQConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "VQConfig":
+    def from_json(cls, data: dict[str, Any]) -> VQConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -17,8 +17,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from moma.tokenizers.image_metrics import codebook_stats, image_grid
-from moma.tokenizers.image_preprocess import (ImageError, ImageSource, decode_rgb, from_tensor_batch, square_resize,
-                                              to_tensor_batch)
+from moma.tokenizers.image_preprocess import (
+    ImageError,
+    ImageSource,
+    decode_rgb,
+    from_tensor_batch,
+    square_resize,
+    to_tensor_batch,
+)
 from moma.tokenizers.image_tokenizer import ImageTokenizer, preset_config, write_checkpoint
 from moma.tokenizers.quantizers import VectorQuantizer
 from moma.tokenizers.vq_model import VQModel

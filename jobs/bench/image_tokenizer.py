@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--images", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "coco2017_mini"
                                             / "images"))
     ap.add_argument("--repeat", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
     tok = ImageTokenizer.load(args.tokenizer)

@@ -25,8 +25,9 @@ import dataclasses
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ class DataSource:
     weight: float = 1.0  # share of the *tokens* drawn from this source (normalised over sources)
 
     @classmethod
-    def parse(cls, spec: str) -> "DataSource":
+    def parse(cls, spec: str) -> DataSource:
         """"DIR" or "DIR@WEIGHT"."""
         path, sep, weight = spec.rpartition("@")
         if not sep:

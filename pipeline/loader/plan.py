@@ -68,7 +68,7 @@ class Cursor:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Cursor":
+    def from_json(cls, d: dict[str, Any]) -> Cursor:
         return cls(**d)
 
 

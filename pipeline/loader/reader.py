@@ -14,8 +14,8 @@ import io
 import logging
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

@@ -85,12 +85,18 @@ class GroupedMoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
         flat, img = x.reshape(-1, x.shape[-1]), is_image.reshape(-1)
+        if self.group_names == ["all"]:
+            out, aux, _ = self.all_moe(flat)
+            self.aux_loss = aux
+            return out.view_as(x)
+        # Each group's MoE layer sees only its modality's tokens (possibly none on this rank): its
+        # gate, dispatch and combine then cost nothing for the other modality's tokens.
         out = torch.zeros_like(flat)
         aux = flat.new_zeros((), dtype=torch.float32)
         for name in self.group_names:
-            member = None if name == "all" else (img if name == "image" else ~img)
-            y, l_aux, _ = getattr(self, f"{name}_moe")(flat, member.to(flat.dtype) if member is not None else None)
-            out = out + y
+            idx = (img if name == "image" else ~img).nonzero().squeeze(1)
+            y, l_aux, _ = getattr(self, f"{name}_moe")(flat.index_select(0, idx))
+            out = out.index_copy(0, idx, y)
             aux = aux + l_aux
         self.aux_loss = aux
         return out.view_as(x)

@@ -12,8 +12,9 @@ import functools
 import glob
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from moma.pipeline.documents import Record
 

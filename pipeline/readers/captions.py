@@ -10,11 +10,12 @@ import json
 import os
 import tarfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from moma.pipeline.documents import Document, ImageSegment, Record, Reject, caption_pair, clean_caption
-from moma.pipeline.readers.base import (Reader, cached_json, chunked_units, expand_paths, register)
+from moma.pipeline.readers.base import Reader, cached_json, chunked_units, expand_paths, register
 from moma.tokenizers.image_preprocess import IMAGE_SUFFIXES
 
 IMAGE_MEMBER_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -56,10 +57,9 @@ class CocoReader(Reader):
 
     def read(self, unit: tuple[str, int, int]) -> Iterator[Record]:
         path, start, end = Path(unit[0]), unit[1], unit[2]
-        data = cached_json(path)
-        captions = _captions_by_image(str(path), os.path.getmtime(path))
+        captions, images_by_id = _index(str(path), os.path.getmtime(path))
         folder = self.image_dir(path)
-        images = sorted(data["images"], key=lambda im: im["id"])[start:end]
+        images = images_by_id[start:end]
         for im in images:
             caps = captions.get(im["id"], [])
             ids = [f"{im['id']}/{i}" for i in range(len(caps))] if self.options.coco_captions == "each" else \
@@ -84,12 +84,13 @@ class CocoReader(Reader):
 
 
 @functools.lru_cache(maxsize=4)
-def _captions_by_image(path: str, mtime: float) -> dict[int, list[str]]:
+def _index(path: str, mtime: float) -> tuple[dict[int, list[str]], list[dict[str, Any]]]:
+    """Captions per image id (in annotation id order) and the images sorted by id, once per file."""
     data = cached_json(Path(path))
-    out: dict[int, list[str]] = defaultdict(list)
+    captions: dict[int, list[str]] = defaultdict(list)
     for ann in sorted(data["annotations"], key=lambda a: a.get("id", 0)):
-        out[ann["image_id"]].append(ann.get("caption"))
-    return dict(out)
+        captions[ann["image_id"]].append(ann.get("caption"))
+    return dict(captions), sorted(data["images"], key=lambda im: im["id"])
 
 
 @register("folder")

@@ -9,12 +9,12 @@ bytes; a URL cannot be fetched here and rejects its document, as does any missin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from moma.pipeline.documents import Document, ImageSegment, Record, Reject, Segment, TextSegment
-from moma.pipeline.readers.base import (Reader, cached_json, chunked_units, expand_paths, register,
-                                        resolve_image_path)
+from moma.pipeline.readers.base import Reader, cached_json, chunked_units, expand_paths, register, resolve_image_path
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "USER", "user": "USER", "gpt": "ASSISTANT", "assistant": "ASSISTANT", "system": "SYSTEM"}

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from moma.pipeline.documents import Document, Record, Reject, TextSegment, clean_caption
 from moma.pipeline.readers.base import Reader, expand_paths, register

@@ -11,8 +11,8 @@ once). A document with an image that cannot be read becomes a Reject naming the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class Tokenizers:
 
     @classmethod
     def load(cls, text_path: str | Path, image_path: str | Path | None = None,
-             text_pattern: str | None = None) -> "Tokenizers":
+             text_pattern: str | None = None) -> Tokenizers:
         return cls(text=TextTokenizer.load(text_path, pattern=text_pattern),
                    image=ImageTokenizer.load(image_path) if image_path else None,
                    text_path=str(text_path), image_path=str(image_path) if image_path else None)

@@ -24,8 +24,9 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -88,7 +89,7 @@ class PartitionResult:
                 "rejects": self.rejects, "seconds": self.seconds}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "PartitionResult":
+    def from_json(cls, d: dict[str, Any]) -> PartitionResult:
         return cls(index=d["index"], shards=[ShardInfo.from_json(s) for s in d["shards"]], inputs=d["inputs"],
                    rejects=d["rejects"], seconds=d["seconds"])
 

@@ -38,7 +38,7 @@ class Manifest:
         write_json_atomic(directory / MANIFEST, self.to_json())  # last: its presence means "complete"
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
+    def load(cls, directory: str | Path) -> Manifest:
         path = Path(directory) / MANIFEST
         try:
             data = json.loads(path.read_text())

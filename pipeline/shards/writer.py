@@ -34,7 +34,7 @@ class ShardInfo:
                 "bytes": self.bytes, "sha256": self.sha256}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ShardInfo":
+    def from_json(cls, d: dict[str, Any]) -> ShardInfo:
         return cls(name=d["name"], docs=d["docs"], text_tokens=d["tokens"]["text"], image_tokens=d["tokens"]["image"],
                    bytes=d["bytes"], sha256=d["sha256"])
 

@@ -26,12 +26,24 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from moma.pipeline.loader.loader import DataSource, LoaderConfig, PackedLoader
-from moma.pipeline.training.checkpoint import (find_checkpoint, load_universal, rng_state, save_universal,
-                                               set_rng_state, write_complete_and_latest)
+from moma.pipeline.training.checkpoint import (
+    find_checkpoint,
+    load_universal,
+    rng_state,
+    save_universal,
+    set_rng_state,
+    write_complete_and_latest,
+)
 from moma.pipeline.training.config import TrainConfig, save_config
 from moma.pipeline.training.ds_config import precision
-from moma.pipeline.training.engine import (build_model, expert_group_name, expert_parallel_rank, init_distributed,
-                                           initialize_engine, launch_env)
+from moma.pipeline.training.engine import (
+    build_model,
+    expert_group_name,
+    expert_parallel_rank,
+    init_distributed,
+    initialize_engine,
+    launch_env,
+)
 from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
 from moma.pipeline.training.plan import RunPlan, plan_run
 from moma.tokenizers.fileio import write_json_atomic
