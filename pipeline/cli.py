@@ -135,8 +135,8 @@ def resolve_image_inputs(specs: Sequence[str]) -> list:
             for unit in reader.units():
                 for record in reader.read(unit):
                     for seg in record.segments if isinstance(record, Document) else ():
-                        if isinstance(seg, ImageSegment) and seg.identity() not in seen:
-                            seen.add(seg.identity())
+                        if isinstance(seg, ImageSegment) and seg.identity not in seen:
+                            seen.add(seg.identity)
                             sources.append(seg.source)
         else:
             sources += find_images([spec])

@@ -8,10 +8,11 @@ or Rejects (a record that cannot become a document, with the reason); nothing is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import os
 import random
 import re
-from pathlib import Path
 
 from moma.tokenizers.image_preprocess import ImageSource
 
@@ -26,11 +27,13 @@ class ImageSegment:
     source: ImageSource  # a local path or the encoded bytes
     ref: str  # how to name it in messages: file path, or "<file>#row/column"
 
+    @functools.cached_property  # asked twice per image per build; hashing bytes is not free
     def identity(self) -> str:
         """Same identity -> same pixels: used to encode an image once for all documents that share it."""
         if isinstance(self.source, (bytes, bytearray)):
             return "sha1:" + hashlib.sha1(self.source).hexdigest()
-        return "path:" + str(Path(self.source).resolve())
+        # abspath, not resolve(): no syscalls; a symlinked duplicate is merely encoded twice
+        return "path:" + os.path.abspath(self.source)
 
 
 Segment = TextSegment | ImageSegment

@@ -73,7 +73,7 @@ class DocumentTokenizer:
                 if isinstance(seg, TextSegment):
                     parts.append(np.asarray(next(encoded_texts), dtype=np.uint32))
                     continue
-                result = codes[seg.identity()]
+                result = codes[seg.identity]
                 if isinstance(result, ImageError):
                     bad = bad or ImageError(result.reason, result.detail, seg.ref)
                     continue
@@ -92,7 +92,7 @@ class DocumentTokenizer:
         for d in docs:
             for seg in d.segments:
                 if isinstance(seg, ImageSegment):
-                    unique.setdefault(seg.identity(), seg)
+                    unique.setdefault(seg.identity, seg)
         if not unique:
             return {}
         if self.images is None:

@@ -18,6 +18,7 @@ manifest (fixed tar headers, stable document keys, no timestamps).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -102,9 +103,9 @@ def _units(cfg: BuildConfig) -> list[tuple[int, Any]]:
     return units
 
 
-def _records(cfg: BuildConfig, partition: int) -> Iterator[Document | Reject]:
+def _records(cfg: BuildConfig, units: list[tuple[int, Any]]) -> Iterator[Document | Reject]:
     readers = [make_reader(spec, cfg.options, idx) for idx, spec in enumerate(cfg.sources)]
-    for idx, unit in _units(cfg)[partition::cfg.num_partitions]:
+    for idx, unit in units:
         for record in readers[idx].read(unit):
             if isinstance(record, Document):
                 record.key = document_key(idx, record.record_id)
@@ -123,8 +124,17 @@ def _prepare_staging(cfg: BuildConfig, tokenizers: Tokenizers) -> None:
     write_json_atomic(path, settings)
 
 
-def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, progress: bool = False) -> PartitionResult:
-    """Build partition `index` (or return its recorded result if it is already done)."""
+@functools.lru_cache(maxsize=2)
+def _load_tokenizers(text: str, image: str | None, pattern: str | None) -> Tokenizers:
+    """Once per worker process, not once per partition: a VQ checkpoint and a BPE rank table take
+    a good part of a second to load, which small partitions would pay again and again."""
+    return Tokenizers.load(text, image, pattern)
+
+
+def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, progress: bool = False,
+                  units: list[tuple[int, Any]] | None = None) -> PartitionResult:
+    """Build partition `index` (or return its recorded result if it is already done). `units`: this
+    partition's share of the source units when the caller has listed them already."""
     part = cfg.staging / f"part-{index:05d}"
     if (part / DONE).exists():
         return PartitionResult.from_json(json.loads((part / DONE).read_text()))
@@ -133,7 +143,7 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
 
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    tokenizers = Tokenizers.load(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
+    tokenizers = _load_tokenizers(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
     _prepare_staging(cfg, tokenizers)
     shutil.rmtree(part, ignore_errors=True)  # an interrupted attempt is redone from scratch
     part.mkdir(parents=True)
@@ -157,7 +167,9 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
         bar.update(len(batch))
         batch.clear()
 
-    for record in _records(cfg, index):
+    if units is None:
+        units = _units(cfg)[index::cfg.num_partitions]
+    for record in _records(cfg, units):
         inputs += 1
         if isinstance(record, Reject):
             rejects.append(record)
@@ -182,8 +194,9 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
     return result
 
 
-def _partition_task(args: tuple[BuildConfig, int, int]) -> PartitionResult:
-    return run_partition(*args)
+def _partition_task(args: tuple[BuildConfig, int, int, list[tuple[int, Any]]]) -> PartitionResult:
+    cfg, index, threads, units = args
+    return run_partition(cfg, index, threads, units=units)
 
 
 def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None,
@@ -199,7 +212,7 @@ def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None,
             print(f"{cfg.out}: already built ({len(existing.shards)} shards); nothing to do")
             return existing
         raise BuildError(f"{cfg.out} already holds a finished build with other settings; use another --out")
-    _units(cfg)  # surface source errors (missing files, bad columns) before any process starts
+    units = _units(cfg)  # listed once; also surfaces source errors (missing files, bad columns) before any work
     pending = [i for i in range(cfg.num_partitions) if not (cfg.staging / f"part-{i:05d}" / DONE).exists()]
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     start = time.perf_counter()
@@ -207,13 +220,16 @@ def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None,
                disable=not progress)
     if workers <= 1:
         for i in pending:
-            run_partition(cfg, i, threads=threads)
+            run_partition(cfg, i, threads=threads, units=units[i::cfg.num_partitions])
             bar.update(1)
     else:
         # spawn: the parent may hold torch/tiktoken thread pools that fork would copy half-alive
         with mp.get_context("spawn").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_partition_task, [(cfg, i, threads) for i in pending]):
+            tasks = [(cfg, i, threads, units[i::cfg.num_partitions]) for i in pending]
+            for _ in pool.imap_unordered(_partition_task, tasks):
                 bar.update(1)
+            pool.close()  # a clean shutdown; the with-block's terminate() leaks the pool's semaphores
+            pool.join()
     bar.close()
     manifest = merge(cfg.out, max_reject_fraction=cfg.max_reject_fraction)
     t = manifest.totals

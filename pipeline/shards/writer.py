@@ -63,8 +63,9 @@ class ShardWriter:
         self.shards.append(info)
         self._tmp = self.directory / f".{info.name}.tmp"
         self._file = open(self._tmp, "wb")
-        # Fixed header fields: identical input documents give byte-identical tars.
-        self._tar = wds.TarWriter(self._file, user="moma", group="moma", mode=0o444, mtime=0.0)
+        # Fixed header fields: identical input documents give byte-identical tars. mtime is an int:
+        # tarfile writes a float mtime as a pax extended header, 1 KiB more per member.
+        self._tar = wds.TarWriter(self._file, user="moma", group="moma", mode=0o444, mtime=0)
 
     def write(self, key: str, tokens: np.ndarray, meta: dict[str, Any], text_tokens: int, image_tokens: int) -> None:
         if self._tar is None or self.shards[-1].docs >= self.max_docs or self.shards[-1].bytes >= self.max_bytes:
