@@ -63,9 +63,11 @@ def take(loader: PackedLoader, n: int, it=None) -> list[dict]:
     return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("workers,world", [(0, 1), (2, 1), (0, 2), (2, 2)])
-def test_resume_gives_exactly_the_uninterrupted_batches(data: dict, workers: int, world: int) -> None:
-    c = cfg(data["main"], workers=workers)
+@pytest.mark.parametrize("workers,world,chunk", [(0, 1, None), (2, 1, None), (0, 2, None), (2, 2, None),
+                                                 (2, 1, 3), (2, 2, 3)])  # chunk 3: resumed mid-chunk
+def test_resume_gives_exactly_the_uninterrupted_batches(data: dict, workers: int, world: int,
+                                                        chunk: int | None) -> None:
+    c = cfg(data["main"], workers=workers, transport_chunk=chunk)
     for rank in range(world):
         full = PackedLoader(c, rank=rank, world_size=world)
         it = iter(full)

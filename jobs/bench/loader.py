@@ -5,7 +5,10 @@ tokens/s the tiny training preset consumes (the margin the loader leaves).
 
 Both sides read every document of every shard once (the loader: one epoch, packed into batches of
 windows, 2 worker processes; bare: one process, `tarfile` + `np.load` of each tokens.npy). Prints
-one JSON line; ratio = loader / bare (goal >= 0.9).
+one JSON line; ratio = loader / bare (goal >= 0.9). The ratio depends on document length: the bare
+loop's cost is per document, the loader's mostly per batch (packing, state, worker -> main
+transfer), so short documents (captions) favour the loader and book-length ones the bare loop;
+run it on both kinds (the shard_build benchmark leaves text shards in DIR and COCO ones in DIR_coco).
 """
 
 from __future__ import annotations

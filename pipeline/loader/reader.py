@@ -1,6 +1,6 @@
 """Reading documents out of one shard segment, a shuffle block at a time.
 
-Tars are read sequentially with plain `tarfile` (seekable mode: skipping to a segment's first
+Tars are read sequentially with a lean member reader (tarstream.py; skipping to a segment's first
 document reads only headers). A block of `block_size` documents is read into memory and emitted in
 an order drawn from a seed that names the block, so a resumed reader re-reads the block and gets the
 same order. Bad data is counted (by reason), logged with shard and key, and skipped — or raised in
@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from moma.pipeline.errors import MomaError
+from moma.pipeline.loader.tarstream import TarFormatError, tar_members
 
 log = logging.getLogger("moma.loader")
 
@@ -36,6 +38,25 @@ def pending_order(seed: int, source: int, shard: int, start: int, end: int, bloc
     return np.random.default_rng([seed, source, shard, start, end, block, 0x9E4D]).permutation(n)
 
 
+# np.save's version-1 header for a 1-D array, as the shard writer produces it
+_NPY_1D = re.compile(rb"\{'descr': '([<>|][ui][1248])', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """np.load of a .npy member, with a fast path for plain 1-D integer arrays: np.load parses
+    every header with ast.literal_eval, which cost as much as the rest of reading a document.
+    Anything else (other versions, shapes, dtypes) goes through np.load itself."""
+    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        m = _NPY_1D.fullmatch(data, 10, end)
+        if m is not None:
+            dtype, count = np.dtype(m[1].decode()), int(m[2])
+            if len(data) - end != count * dtype.itemsize:
+                raise ValueError(f"npy body holds {len(data) - end} bytes, header says {count} x {dtype}")
+            return np.frombuffer(data, dtype=dtype, count=count, offset=end)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 class SegmentReader:
     """Sequential documents [start, end) of one shard; `read_block(first, count)` in order."""
 
@@ -44,7 +65,7 @@ class SegmentReader:
         self.vocab_size = vocab_size
         self.bad = bad
         self.strict = strict
-        self._tar: tarfile.TarFile | None = None
+        self._tar: BinaryIO | None = None
         self._next_doc = 0  # index of the document the tar stream is positioned at
         self._dead = False  # missing/truncated: nothing more comes out of this shard
 
@@ -61,11 +82,11 @@ class SegmentReader:
                 self._problem("empty_shard", "-", "zero bytes")
                 self._dead = True
                 return
-            self._tar = tarfile.open(self.path, mode="r:")
+            self._tar = open(self.path, "rb")
         except FileNotFoundError:
             self._problem("missing_shard", "-", "listed in the manifest but not on disk")
             self._dead = True
-        except (tarfile.TarError, OSError) as e:
+        except OSError as e:
             self._problem("truncated_tar", "-", str(e))
             self._dead = True
 
@@ -73,30 +94,23 @@ class SegmentReader:
         """(key, {ext: data}) per document, from the current position; tokens data only is read."""
         assert self._tar is not None
         key, group = None, {}
+        members = tar_members(self._tar)
         while True:
             try:
-                member = self._tar.next()
-            except (tarfile.TarError, OSError, EOFError) as e:
+                member = next(members, None)
+                if member is None:
+                    break
+                name, _, read = member
+                k, _, ext = name.partition(".")
+                if key is not None and k != key:
+                    yield key, group
+                    group = {}
+                key = k
+                group[ext] = read() if ext == "tokens.npy" else None
+            except (TarFormatError, OSError) as e:
                 self._problem("truncated_tar", key or "-", str(e))
                 self._dead = True
                 return
-            if member is None:
-                break
-            k, _, ext = member.name.partition(".")
-            if key is not None and k != key:
-                yield key, group
-                group = {}
-            key = k
-            if ext == "tokens.npy":
-                try:
-                    f = self._tar.extractfile(member)
-                    group[ext] = f.read() if f else None
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    self._problem("truncated_tar", k, str(e))
-                    self._dead = True
-                    return
-            else:
-                group.setdefault(ext, None)
         if key is not None:
             yield key, group
 
@@ -134,7 +148,7 @@ class SegmentReader:
             self._problem("missing_tokens", key, "no tokens.npy member")
             return None
         try:
-            tokens = np.load(io.BytesIO(data), allow_pickle=False)
+            tokens = load_npy(data)
         except (ValueError, OSError, EOFError) as e:
             self._problem("bad_npy", key, str(e))
             return None
@@ -144,7 +158,7 @@ class SegmentReader:
         if tokens.size and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
             self._problem("token_out_of_range", key, f"id {int(tokens.max())} >= vocabulary size {self.vocab_size}")
             return None
-        return key, tokens.astype(np.int64)
+        return key, tokens.astype(np.uint32, copy=False)  # ids checked in [0, vocab): 4 bytes each suffice
 
     def close(self) -> None:
         if self._tar is not None:

@@ -59,6 +59,7 @@ class SourceStream:
         self._readers: dict[tuple, SegmentReader] = {}
         self._block: list[tuple[str, np.ndarray] | None] = []
         self._block_id: tuple | None = None
+        self._share: tuple[int, list] = (-1, [])  # (epoch, its segments for this stream)
 
     def _work(self) -> tuple[tuple, int, int, int] | None:
         """The current unit of work, (id, shard, start, end), or None when the epoch share is done.
@@ -71,7 +72,10 @@ class SourceStream:
                 return ("samples", shard, tuple(docs)), shard, 0, len(docs)
             shard, start, end = item["segment"]
             return ("pending", shard, start, end), shard, start, end
-        segments = epoch_share(self.src.plan, self.cfg.seed, self.index, c.epoch, self.stream, self.streams)
+        if self._share[0] != c.epoch:  # asked once per document; the share changes once per epoch
+            self._share = (c.epoch, epoch_share(self.src.plan, self.cfg.seed, self.index, c.epoch, self.stream,
+                                                self.streams))
+        segments = self._share[1]
         if c.segment >= len(segments):
             return None
         shard, start, end = segments[c.segment]
@@ -159,7 +163,7 @@ class Stream:
         self.rng = np.random.default_rng([cfg.seed, stream, streams, 0x313C] + ([7] if state.get("resplit") else []))
         if "mix_rng" in state:
             self.rng.bit_generator.state = state["mix_rng"]
-        self.leftover = np.asarray(state.get("leftover", []), dtype=np.int64)  # the window being packed
+        self.leftover = np.asarray(state.get("leftover", []), dtype=np.uint32)  # the window being packed
         self.windows = int(state.get("windows", 0))
 
     def state(self) -> dict[str, Any]:
@@ -189,7 +193,7 @@ class Stream:
         window = buf[:cut]
         self.leftover = buf[cut:]
         if cut < need:
-            window = np.concatenate([window, np.full(need - cut, self.cfg.pad_id, dtype=np.int64)])
+            window = np.concatenate([window, np.full(need - cut, self.cfg.pad_id, dtype=np.uint32)])
         self.windows += 1
         return window
 
@@ -206,11 +210,38 @@ class Stream:
         return last if span <= need else need  # a span longer than a window is cut anyway
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Raw batches: `windows` [B, seq_len + 1] uint32, numpy (see `to_batch`)."""
         while True:
             started: list[str] = []
             windows = np.stack([self._window(started) for _ in range(self.cfg.batch_size)])
-            ids = torch.from_numpy(windows)
-            labels = ids[:, 1:].clone()
-            labels[labels == self.cfg.pad_id] = IGNORE_INDEX
-            yield {"input_ids": ids[:, :-1].contiguous(), "labels": labels, "doc_keys": started,
-                   "stream": self.stream, "state": self.state()}
+            yield {"windows": windows, "doc_keys": started, "stream": self.stream, "state": self.state()}
+
+
+def pack_for_transport(raw: dict[str, Any]) -> dict[str, Any]:
+    """Send the state's leftover (the unconsumed tail of the window being packed; up to a whole
+    long document) as (owner array, offset): the leftovers of consecutive batches are suffixes of
+    one concatenation, and pickle sends an object shared by a chunk's batches once."""
+    leftover = raw["state"]["leftover"]
+    owner = leftover.base if isinstance(leftover.base, np.ndarray) else leftover
+    offset = (leftover.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // owner.itemsize
+    if owner.ndim != 1 or owner.dtype != leftover.dtype or offset + leftover.size != owner.size:
+        return raw  # not a suffix of its owner: send it as it is
+    return {**raw, "state": {**raw["state"], "leftover": ("suffix", owner, offset)}}
+
+
+def unpack_transported(raw: dict[str, Any]) -> dict[str, Any]:
+    leftover = raw["state"]["leftover"]
+    if isinstance(leftover, tuple):
+        _, owner, offset = leftover
+        raw["state"]["leftover"] = owner[offset:]
+    return raw
+
+
+def to_batch(raw: dict[str, Any], pad_id: int) -> dict[str, Any]:
+    """A raw batch -> input_ids [B, L] and labels [B, L] (pad -> IGNORE_INDEX), in the consuming
+    process: workers send numpy arrays, which pickle through the pipe far faster than torch
+    tensors travel through shared memory (a new segment and a passed descriptor per tensor)."""
+    ids = torch.from_numpy(raw.pop("windows").astype(np.int64))
+    labels = ids[:, 1:].clone()
+    labels[labels == pad_id] = IGNORE_INDEX
+    return {"input_ids": ids[:, :-1].contiguous(), "labels": labels, **raw}
