@@ -255,3 +255,17 @@ def test_state_survives_a_weights_only_round_trip(data: dict, tmp_path: Path) ->
     state = torch.load(tmp_path / "s.pt", weights_only=True)
     assert torch.equal(take(PackedLoader(cfg(data["main"], workers=2), state=state), 1)[0]["input_ids"],
                        take(loader, 1)[0]["input_ids"])
+
+
+def test_chunk_transport_sends_shared_leftovers_once() -> None:
+    import pickle
+
+    from moma.pipeline.loader.stream import pack_for_transport, unpack_transported
+
+    buf = np.arange(10_003, dtype=np.uint32)  # one concatenation; batches leave shorter and shorter tails of it
+    raws = [{"state": {"leftover": buf[100 * (i + 1):]}} for i in range(5)]
+    raws.append({"state": {"leftover": np.arange(7, dtype=np.uint32)}})  # an array of its own
+    blob = pickle.dumps(pack_for_transport(raws))
+    assert len(blob) < buf.nbytes * 1.1  # the longest tail once, not five tails
+    for sent, got in zip(raws, (unpack_transported(r) for r in pickle.loads(blob))):
+        assert np.array_equal(sent["state"]["leftover"], got["state"]["leftover"])

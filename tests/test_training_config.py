@@ -125,3 +125,21 @@ def test_cli_dry_run_and_check(data: dict[str, Path], tmp_path: Path, capsys: py
     assert cli_main(["train", str(path), "model.ffn=moma_3t3i", "--check", "--world-size", "2"]) == 2
     assert "cannot be split evenly" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path: Path) -> None:
+    """TensorBoard is optional (`moma[tensorboard]`): scalars, nested ones by path, read back from the event file."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moma.pipeline.training.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, tensorboard=True)
+    for step in (1, 2):
+        writer.write({"step": step, "loss": 1.0 / step, "expert_load": {"text": {"max_over_mean": 1.5}}, "mfu": None})
+    writer.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"loss", "expert_load/text/max_over_mean"} <= set(events.Tags()["scalars"])
+    assert [(e.step, round(e.value, 3)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5)]

@@ -144,7 +144,7 @@ class _StreamsDataset(torch.utils.data.IterableDataset):
         batches = iter(Stream(self.sources, self.cfg, stream, self.streams, self.states.get(stream)))
         size = self.first_chunk if worker == 0 else self.chunk
         while True:
-            yield [pack_for_transport(next(batches)) for _ in range(size)]
+            yield pack_for_transport([next(batches) for _ in range(size)])
             size = self.chunk
 
 

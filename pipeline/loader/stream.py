@@ -217,16 +217,31 @@ class Stream:
             yield {"windows": windows, "doc_keys": started, "stream": self.stream, "state": self.state()}
 
 
-def pack_for_transport(raw: dict[str, Any]) -> dict[str, Any]:
-    """Send the state's leftover (the unconsumed tail of the window being packed; up to a whole
-    long document) as (owner array, offset): the leftovers of consecutive batches are suffixes of
-    one concatenation, and pickle sends an object shared by a chunk's batches once."""
-    leftover = raw["state"]["leftover"]
-    owner = leftover.base if isinstance(leftover.base, np.ndarray) else leftover
-    offset = (leftover.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // owner.itemsize
-    if owner.ndim != 1 or owner.dtype != leftover.dtype or offset + leftover.size != owner.size:
-        return raw  # not a suffix of its owner: send it as it is
-    return {**raw, "state": {**raw["state"], "leftover": ("suffix", owner, offset)}}
+def pack_for_transport(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A chunk of raw batches, ready to pickle. Each state carries its leftover (the unconsumed
+    tail of the window being packed: up to a whole long document). The leftovers of consecutive
+    batches are suffixes of one concatenation, so each is sent as (shared tail, offset), the shared
+    tail starting at the chunk's first use of that concatenation: pickle sends it once."""
+    shared: dict[int, tuple[np.ndarray, int]] = {}  # id(owner) -> (owner, smallest offset in the chunk)
+    placed = []
+    for raw in chunk:
+        leftover = raw["state"]["leftover"]
+        owner = leftover.base if isinstance(leftover.base, np.ndarray) else leftover
+        offset = (leftover.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // owner.itemsize
+        if owner.ndim != 1 or owner.dtype != leftover.dtype or offset + leftover.size != owner.size:
+            placed.append(None)  # not a suffix of its owner: sent as it is
+            continue
+        placed.append((id(owner), offset))
+        if id(owner) not in shared or offset < shared[id(owner)][1]:
+            shared[id(owner)] = (owner, offset)
+    tails = {key: owner[offset:] for key, (owner, offset) in shared.items()}
+    out = []
+    for raw, place in zip(chunk, placed):
+        if place is not None:
+            key, offset = place
+            raw = {**raw, "state": {**raw["state"], "leftover": ("suffix", tails[key], offset - shared[key][1])}}
+        out.append(raw)
+    return out
 
 
 def unpack_transported(raw: dict[str, Any]) -> dict[str, Any]:

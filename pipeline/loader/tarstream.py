@@ -6,7 +6,7 @@ only what the loader uses (name, size, type), checks each header's checksum, and
 data only when asked; everything else is skipped with a seek. It understands what tar writers
 put in WebDataset shards: ustar/POSIX headers, pax extended headers (``x``: path and size
 override the next member; ``g``: ignored) and GNU long names (``L``). It is tested against
-`tarfile` on the same archives (tests/test_loader.py).
+`tarfile` on the same archives (tests/test_tarstream.py).
 
     with open(path, "rb") as f:
         for name, size, read in tar_members(f):
