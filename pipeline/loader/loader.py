@@ -10,9 +10,10 @@ DataLoader workers, with exact mid-epoch resume (also onto another world size).
 Every rank runs S_r = max(1, num_workers) streams (stream.py) — globally S = world_size * S_r —
 each owning a deterministic share of every epoch (plan.py). Batches are assembled inside the
 workers and carry their stream's state; this process keeps, per stream, the state that came with
-the last batch it *consumed* (prefetched batches do not count) and the number consumed. A torch
-DataLoader serves workers round-robin, so on resume the workers are rotated to make the next batch
-come from the right stream.
+the last batch it *consumed* (prefetched batches do not count) and the number consumed. Workers send
+batches in chunks (a few per item: the per-item cost of a worker -> main transfer is fixed) and a
+torch DataLoader serves workers round-robin, so on resume the workers are rotated, and the first
+chunk shortened, to make the next batch come from the right stream.
 
 Why not torchdata's StatefulDataLoader: its snapshots are opaque per-worker blobs, while re-splitting
 onto another world size needs every stream's cursor; batches that carry their own small state give
