@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--quantizer", choices=["vq", "fsq"], default="vq")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3, help="1e-3: the best of the rates tried on these photos")
+    ap.add_argument("--crop-min", type=float, default=ImageTrainConfig.crop_min,
+                    help="training crops: random squares of this fraction of the shorter side, up to all of it")
     ap.add_argument("--out", default="runs/bench/vq_coco")
     ap.add_argument("--grid", default=None, help="also write the held-out reconstruction grid here")
     args = ap.parse_args()
@@ -34,12 +36,12 @@ def main() -> None:
     held = [f for f in files if int(f.stem) % 5 == 0]
     train = [f for f in files if int(f.stem) % 5 != 0]
     cfg = ImageTrainConfig(preset="tiny", overrides={"quantizer": args.quantizer}, max_minutes=args.minutes,
-                           batch_size=args.batch_size, lr=args.lr, grid_every=10_000)
+                           batch_size=args.batch_size, lr=args.lr, crop_min=args.crop_min, grid_every=10_000)
     tok = train_image_tokenizer(train, args.out, cfg, eval_sources=held, progress=False)
     report = evaluate_image_tokenizer(tok, held, grid_path=args.grid or Path(args.out) / "heldout_grid.png")
     print(json.dumps({"bench": "image_quality", "train_images": len(train), "heldout_images": len(held),
                       "minutes": args.minutes, "quantizer": args.quantizer, "lr": args.lr,
-                      "batch_size": args.batch_size, **report}))
+                      "batch_size": args.batch_size, "crop_min": args.crop_min, **report}))
 
 
 if __name__ == "__main__":
