@@ -256,7 +256,8 @@ def to_batch(raw: dict[str, Any], pad_id: int) -> dict[str, Any]:
     """A raw batch -> input_ids [B, L] and labels [B, L] (pad -> IGNORE_INDEX), in the consuming
     process: workers send numpy arrays, which pickle through the pipe far faster than torch
     tensors travel through shared memory (a new segment and a passed descriptor per tensor)."""
-    ids = torch.from_numpy(raw.pop("windows").astype(np.int64))
-    labels = ids[:, 1:].clone()
-    labels[labels == pad_id] = IGNORE_INDEX
-    return {"input_ids": ids[:, :-1].contiguous(), "labels": labels, **raw}
+    windows = raw.pop("windows")
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    labels = targets.astype(np.int64)  # one cast-and-copy each, in numpy (cheaper than torch ops here)
+    np.putmask(labels, targets == pad_id, IGNORE_INDEX)
+    return {"input_ids": torch.from_numpy(inputs.astype(np.int64)), "labels": torch.from_numpy(labels), **raw}
