@@ -28,6 +28,7 @@ class FFNSpec:
 
     @property
     def learned_routing(self) -> bool:
+        """A learned router, i.e. DeepSpeed MoE layers (never for dense or moma_1t1i)."""
         return any(n > 1 for _, n in self.groups) or self.kind == "moe"
 
     @property

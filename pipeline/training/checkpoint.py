@@ -78,6 +78,22 @@ def find_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | No
                           f"checkpoint (a global_step* directory with '{COMPLETE}')")
 
 
+def load_deepspeed_file(path: Path) -> dict[str, Any]:
+    # DeepSpeed's own checkpoint files pickle its config objects: full unpickling, of files this
+    # project's training wrote.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model_states(tag_dir: Path) -> dict[str, Any]:
+    """DeepSpeed's mp_rank_00_model_states.pt of a checkpoint, checked to hold our client state
+    (under "moma")."""
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    states = load_deepspeed_file(path)
+    if "moma" not in states:
+        raise CheckpointError(f"{path} holds no moma client state: not a checkpoint of `moma train`")
+    return states
+
+
 def _local_counts(module: torch.nn.Module) -> dict[str, int]:
     return {prefix: m.num_local_experts for prefix, m in module.named_modules() if hasattr(m, "num_local_experts")}
 

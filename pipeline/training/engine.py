@@ -32,7 +32,7 @@ class ParallelConfigError(ValueError):
 def check_parallel_layout(cfg: ModelConfig, ep_size: int, world_size: int, zero_stage: int) -> None:
     """Refuse layouts that cannot work, with the reason, before anything is launched."""
     spec = cfg.ffn_spec
-    uses_moe = spec.kind != "dense" and spec.learned_routing
+    uses_moe = spec.learned_routing
     if ep_size < 1:
         raise ParallelConfigError(f"expert-parallel size must be >= 1, got {ep_size}")
     if world_size % ep_size:

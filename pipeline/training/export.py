@@ -20,7 +20,13 @@ import torch
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.transformer import Transformer
-from moma.pipeline.training.checkpoint import UNIVERSAL, CheckpointError, find_checkpoint
+from moma.pipeline.training.checkpoint import (
+    UNIVERSAL,
+    CheckpointError,
+    find_checkpoint,
+    load_deepspeed_file,
+    load_model_states,
+)
 from moma.tokenizers.fileio import write_json_atomic
 
 WEIGHTS = "model.safetensors"
@@ -32,17 +38,9 @@ def _tag_dir(ckpt: str | Path) -> Path:
     return found[0] / found[1]
 
 
-def _deepspeed_file(path: Path) -> dict[str, Any]:
-    # DeepSpeed's own checkpoint files pickle its config objects: full unpickling of files this
-    # project's training wrote.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def consolidated_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    main = _deepspeed_file(tag_dir / "mp_rank_00_model_states.pt")
-    client = main.get("moma")
-    if client is None:
-        raise CheckpointError(f"{tag_dir}: not a `moma train` checkpoint (no client state)")
+    main = load_model_states(tag_dir)
+    client = main["moma"]
     universal = sorted((tag_dir / UNIVERSAL).glob("rank*.pt"))
     if universal:
         state: dict[str, torch.Tensor] = {}
@@ -53,7 +51,7 @@ def consolidated_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
         return state, client
     state = {k: v.float() for k, v in main["module"].items()}
     for f in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
-        state.update({k: v.float() for k, v in _deepspeed_file(f).items()})
+        state.update({k: v.float() for k, v in load_deepspeed_file(f).items()})
     return state, client
 
 

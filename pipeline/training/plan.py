@@ -47,7 +47,7 @@ class RunPlan:
         """Which global experts each rank holds (DeepSpeed's expert-parallel groups are consecutive
         ranks: rank r is index r % ep_size of its group)."""
         spec, ep = self.model.ffn_spec, self.cfg.parallel.ep_size
-        if spec.kind == "dense" or not spec.learned_routing:
+        if not spec.learned_routing:
             return [f"no MoE layers ({self.model.ffn}): every rank holds the whole FFN"]
         lines = []
         for rank in range(self.world_size):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from moma.pipeline.loader.loader import DataSource, LoaderConfig, PackedLoader
 from moma.pipeline.training.checkpoint import (
     find_checkpoint,
+    load_model_states,
     load_universal,
     rng_state,
     save_universal,
@@ -136,7 +137,7 @@ def resume_from(engine: Any, plan: RunPlan, found: tuple[Path, str], ep_rank: in
     """Load a checkpoint into `engine`: DeepSpeed's own path on the same layout, the universal copy on
     another; returns the progress counters and the loader state(s) to continue with."""
     ckpt_dir, tag = found
-    client = _client_state(ckpt_dir / tag)
+    client = load_model_states(ckpt_dir / tag)["moma"]
     layout = client["layout"]
     same = (layout["world_size"], layout["ep_size"]) == (plan.world_size, plan.cfg.parallel.ep_size)
     if same:
@@ -160,16 +161,6 @@ def resume_from(engine: Any, plan: RunPlan, found: tuple[Path, str], ep_rank: in
     return progress, loader_state
 
 
-def _client_state(tag_dir: Path) -> dict[str, Any]:
-    """Our client state, stored by DeepSpeed inside mp_rank_00_model_states.pt."""
-    path = tag_dir / "mp_rank_00_model_states.pt"
-    # DeepSpeed's own file written by this code (it pickles its config objects): full unpickling.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "moma" not in state:
-        raise FileNotFoundError(f"{path} holds no moma client state: not a checkpoint of `moma train`")
-    return state["moma"]
-
-
 def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, progress: Progress, ep_rank: int,
           rank: int) -> None:
     from deepspeed.utils import groups
@@ -187,7 +178,7 @@ def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     if cfg.checkpoint.universal:
         edp_rank = groups._get_expert_data_parallel_rank(expert_group_name(cfg.parallel.ep_size)) \
-            if plan.model.ffn_spec.learned_routing and plan.model.ffn_spec.kind != "dense" else 0
+            if plan.model.ffn_spec.learned_routing else 0
         save_universal(engine, ckpt_dir / tag, ep_rank, edp_rank)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
@@ -242,10 +233,12 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
         sums = _all_reduce([ce["text"], ce["image"], toks["text"], toks["image"], float(stop.requested)], device)
         for m, t in zip(("text", "image"), sums[2:4]):
             progress.tokens[m] += int(t)
-        digests: list[Any] = [None] * plan.world_size
-        dist.all_gather_object(digests, hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16])
         seconds = time.perf_counter() - start
-        if info.is_main and progress.step % cfg.logging.every == 0:
+        log_step = progress.step % cfg.logging.every == 0
+        if log_step:  # every rank joins the gather; only logged steps need it
+            digests: list[Any] = [None] * plan.world_size
+            dist.all_gather_object(digests, hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16])
+        if info.is_main and log_step:
             n_text, n_image = sums[2], sums[3]
             n = max(n_text + n_image, 1)
             tokens_per_s = plan.tokens_per_step / seconds
