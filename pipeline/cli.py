@@ -362,7 +362,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     configure_accelerator()
     cfg = load_config(args.config, args.overrides)
     if args.dry_run or args.check:
-        from moma.pipeline.training.plan import plan_run
+        from moma.pipeline.training.run_plan import plan_run
 
         world = args.world_size or launch_env()[1]
         plan = plan_run(cfg, world)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from corpus_fixtures import make_tokenizers, write_folder
 
-from moma.pipeline.loader.loader import DataSource, LoaderConfig, PackedLoader, expand_braces
-from moma.pipeline.loader.plan import SourcePlan, epoch_share
-from moma.pipeline.loader.reader import ShardDataError
+from moma.pipeline.loader.epoch_plan import SourceShards, epoch_share
+from braceexpand import braceexpand
+
+from moma.pipeline.loader.loader import DataConfig, DataSource, PackedLoader
+from moma.pipeline.loader.shard_reader import ShardDataError
 from moma.pipeline.shards.build import BuildConfig, build
 from moma.pipeline.shards.inspect import iter_samples
 from moma.pipeline.shards.manifest import Manifest
@@ -53,9 +55,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"main": main, "other": other, "docs": docs, "vocab": Manifest.load(main).vocab, "toks": toks}
 
 
-def cfg(*dirs: Path | str, workers: int = 0, **kw: object) -> LoaderConfig:
+def cfg(*dirs: Path | str, workers: int = 0, **kw: object) -> DataConfig:
     sources = tuple(DataSource(str(x)) if not isinstance(x, DataSource) else x for x in dirs)
-    return LoaderConfig(sources=sources, seq_len=SEQ, batch_size=BATCH, shuffle_buffer=5, num_workers=workers, **kw)
+    return DataConfig(sources=sources, seq_len=SEQ, shuffle_buffer=5, num_workers=workers, **kw)
+
+
+def make(data: DataConfig, **kw: object) -> PackedLoader:
+    return PackedLoader(data, BATCH, **kw)
 
 
 def take(loader: PackedLoader, n: int, it=None) -> list[dict]:
@@ -69,19 +75,19 @@ def test_resume_gives_exactly_the_uninterrupted_batches(data: dict, workers: int
                                                         chunk: int | None) -> None:
     c = cfg(data["main"], workers=workers, transport_chunk=chunk)
     for rank in range(world):
-        full = PackedLoader(c, rank=rank, world_size=world)
+        full = make(c, rank=rank, world_size=world)
         it = iter(full)
         take(full, 7, it)
         state = full.state_dict()
         expected = take(full, 6, it)
-        resumed = PackedLoader(c, rank=rank, world_size=world, state=state)
+        resumed = make(c, rank=rank, world_size=world, state=state)
         got = take(resumed, 6)
         for a, b in zip(expected, got):
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
             assert a["doc_keys"] == b["doc_keys"]
 
 
-def epoch_docs(loaders: list[PackedLoader], plans: list[SourcePlan], seed: int = 0) -> Counter:
+def epoch_docs(loaders: list[PackedLoader], plans: list[SourceShards], seed: int = 0) -> Counter:
     """Run every loader until all its streams finished epoch 0; the first share-many documents each
     stream started are its epoch 0."""
     per_stream: dict[int, list[str]] = {}
@@ -101,7 +107,7 @@ def epoch_docs(loaders: list[PackedLoader], plans: list[SourcePlan], seed: int =
 
 @pytest.mark.parametrize("workers,world", [(0, 1), (2, 2)])
 def test_one_epoch_is_the_dataset_exactly(data: dict, workers: int, world: int) -> None:
-    loaders = [PackedLoader(cfg(data["main"], workers=workers), rank=r, world_size=world) for r in range(world)]
+    loaders = [make(cfg(data["main"], workers=workers), rank=r, world_size=world) for r in range(world)]
     seen = epoch_docs(loaders, loaders[0].plans)
     assert seen == Counter(_keys(data["main"]))  # every document once: no repeat, no gap
 
@@ -111,7 +117,7 @@ def _keys(directory: Path, source: int = 0) -> set[str]:
 
 
 def test_packing_reproduces_the_token_stream(data: dict) -> None:
-    loader = PackedLoader(cfg(data["main"]))
+    loader = make(cfg(data["main"]))
     tokens, keys = [], []
     for batch in take(loader, 40):
         ids, labels = batch["input_ids"], batch["labels"]
@@ -126,11 +132,11 @@ def test_packing_reproduces_the_token_stream(data: dict) -> None:
 
 def test_keep_images_whole(data: dict) -> None:
     v = data["vocab"]
-    loader = PackedLoader(cfg(data["main"], keep_images_whole=True))
+    loader = make(cfg(data["main"], keep_images_whole=True))
     # 16 px VQ images: 64 codes + 2 > SEQ + 1, so spans are longer than a window and may be cut; a
     # bigger window shows the rule.
-    big = PackedLoader(LoaderConfig(sources=(DataSource(str(data["main"])),), seq_len=100, batch_size=2,
-                                    shuffle_buffer=5, num_workers=0, keep_images_whole=True))
+    big = PackedLoader(DataConfig(sources=(DataSource(str(data["main"])),), seq_len=100, shuffle_buffer=5,
+                                  num_workers=0, keep_images_whole=True), batch_size=2)
     padded = 0
     for batch in take(big, 60):
         for ids, labels in zip(batch["input_ids"], batch["labels"]):
@@ -147,8 +153,8 @@ def test_keep_images_whole(data: dict) -> None:
 
 def test_mixing_weights_are_shares_of_tokens(data: dict) -> None:
     sources = (DataSource(str(data["main"]), 0.8), DataSource(str(data["other"]), 0.2))
-    loader = PackedLoader(LoaderConfig(sources=sources, seq_len=SEQ, batch_size=4, shuffle_buffer=5, num_workers=0,
-                                       seed=3))
+    loader = PackedLoader(DataConfig(sources=sources, seq_len=SEQ, shuffle_buffer=5, num_workers=0), batch_size=4,
+                          seed=3)
     tokens = Counter()
     for batch in take(loader, 500):
         for k in batch["doc_keys"]:
@@ -161,14 +167,14 @@ def test_mixing_weights_are_shares_of_tokens(data: dict) -> None:
 @pytest.mark.parametrize("new_workers", [0, 3])  # 2 streams -> 1 stream, 2 streams -> 3 streams
 def test_resume_onto_another_world_size_covers_the_epoch_once(data: dict, new_workers: int) -> None:
     c = cfg(data["main"], workers=0)
-    old = [PackedLoader(c, rank=r, world_size=2) for r in range(2)]
+    old = [make(c, rank=r, world_size=2) for r in range(2)]
     before: Counter = Counter()
     for loader in old:
         for batch in take(loader, 5):
             before.update(batch["doc_keys"])
     states = [lo.state_dict() for lo in old]
     # the same data, now one rank with another number of workers
-    new = PackedLoader(cfg(data["main"], workers=new_workers), rank=0, world_size=1, state=states)
+    new = make(cfg(data["main"], workers=new_workers), rank=0, world_size=1, state=states)
     # what the old streams left of epoch 0 is now pending in the new ones, to be read first
     pending = {s: sum(len(p["samples"][1]) if "samples" in p else p["segment"][2] - p["segment"][1]
                       for p in st["cursors"][0]["pending"]) for s, st in new.stream_states.items()}
@@ -193,16 +199,16 @@ def test_bad_shards_are_counted_and_skipped(data: dict, tmp_path: Path) -> None:
              if name.endswith(".npy") else b, first_only=True)
     (bad / names[3]).write_bytes(b"")  # empty shard
     (bad / names[4]).unlink()  # listed in the manifest, missing on disk
-    loader = PackedLoader(cfg(bad))
+    loader = make(cfg(bad))
     take(loader, 80)  # more than an epoch: training goes on
     counts = loader.bad_counts()
     for reason in ("truncated_tar", "bad_npy", "token_out_of_range", "empty_shard", "missing_shard"):
         assert counts.get(reason, 0) >= 1, (reason, counts)
     with pytest.raises(Exception, match="missing"):
-        PackedLoader(cfg(bad, strict=True))
+        make(cfg(bad, strict=True))
     (bad / names[4]).write_bytes((data["main"] / names[4]).read_bytes())
     with pytest.raises(ShardDataError, match=rf"{names[0]}|{names[1]}|{names[2]}|{names[3]}"):
-        take(PackedLoader(cfg(bad, strict=True)), 80)
+        take(make(cfg(bad, strict=True)), 80)
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -227,33 +233,33 @@ def test_identity_mismatch_names_both(data: dict) -> None:
     v = data["vocab"]
     other = Vocab(text=TokenizerIdentity("tiktoken", "x", "f" * 64, v.text.size, v.text.extra), image=v.image)
     with pytest.raises(IdentityMismatchError, match="manifest.json has tiktoken.*run config has tiktoken:x@ffff"):
-        PackedLoader(cfg(data["main"]), vocab=other, consumer="run config")
+        make(cfg(data["main"]), vocab=other, consumer="run config")
 
 
 def test_layouts_that_would_hang_are_refused_or_handled(data: dict, tmp_path: Path) -> None:
     one_shard = data["other"]  # 30 docs in a single shard: four streams still split it
     assert len(Manifest.load(one_shard).shards) == 1
-    loaders = [PackedLoader(cfg(one_shard, workers=2), rank=r, world_size=2) for r in range(2)]
+    loaders = [make(cfg(one_shard, workers=2), rank=r, world_size=2) for r in range(2)]
     assert epoch_docs(loaders, loaders[0].plans) == Counter(_keys(one_shard))
     with pytest.raises(ValueError, match="30 documents but the loader runs 64 streams"):
-        PackedLoader(cfg(one_shard, workers=8), rank=0, world_size=8)
+        make(cfg(one_shard, workers=8), rank=0, world_size=8)
 
 
 def test_brace_patterns_select_shards(data: dict) -> None:
     names = [s.name for s in Manifest.load(data["main"]).shards]
-    assert expand_braces("d/data-{000001..000003}.tar") == [f"d/data-00000{i}.tar" for i in (1, 2, 3)]
-    loader = PackedLoader(cfg(f"{data['main']}/data-{{000000..000001}}.tar"))
+    assert list(braceexpand("d/data-{000001..000003}.tar")) == [f"d/data-00000{i}.tar" for i in (1, 2, 3)]
+    loader = make(cfg(f"{data['main']}/data-{{000000..000001}}.tar"))
     assert loader.resolved[0].shard_paths == tuple(str(data["main"] / n) for n in names[:2])
     with pytest.raises(ValueError, match="not listed"):
-        PackedLoader(cfg(f"{data['main']}/data-{{000090..000091}}.tar"))
+        make(cfg(f"{data['main']}/data-{{000090..000091}}.tar"))
 
 
 def test_state_survives_a_weights_only_round_trip(data: dict, tmp_path: Path) -> None:
-    loader = PackedLoader(cfg(data["main"], workers=2))
+    loader = make(cfg(data["main"], workers=2))
     take(loader, 3)
     torch.save(loader.state_dict(), tmp_path / "s.pt")
     state = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert torch.equal(take(PackedLoader(cfg(data["main"], workers=2), state=state), 1)[0]["input_ids"],
+    assert torch.equal(take(make(cfg(data["main"], workers=2), state=state), 1)[0]["input_ids"],
                        take(loader, 1)[0]["input_ids"])
 
 

@@ -13,7 +13,8 @@ from moma.pipeline.model.config import FFN_VARIANTS, SIZES, ModelConfig, parse_f
 from moma.pipeline.model.ffn import GroupedMoEFFN
 from moma.pipeline.model.routing import ExpertChoiceGate, TokenChoiceGate
 from moma.pipeline.model.transformer import IGNORE_INDEX, Transformer
-from moma.pipeline.training.engine import ParallelConfigError, build_model, check_parallel_layout, configure_accelerator
+from moma.pipeline.training.engine import build_model, configure_accelerator
+from moma.pipeline.training.expert_layout import ParallelConfigError, check_parallel_layout
 
 configure_accelerator()
 
@@ -190,5 +191,5 @@ def test_config_errors() -> None:
         small("moma_2t2i", router="token_choice", token_choice_k=3)
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("7b")
-    with pytest.raises(ValueError, match="unknown model config fields"):
+    with pytest.raises(ValueError, match="unknown config key 'model.n_expert'"):
         ModelConfig.from_json({**small().to_json(), "n_expert": 3})

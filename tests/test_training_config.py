@@ -12,7 +12,7 @@ from training_fixtures import make_training_data, run_config, write_config
 from moma.pipeline.cli import main as cli_main
 from moma.pipeline.training.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config
 from moma.pipeline.training.ds_config import build_ds_config, preset_names
-from moma.pipeline.training.plan import plan_run
+from moma.pipeline.training.run_plan import plan_run
 from moma.pipeline.training.train import lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_every_deepspeed_preset_fills_and_parses() -> None:
 
 
 def test_every_shipped_run_config_parses_and_plans_its_model() -> None:
-    from moma.pipeline.training.plan import model_config
+    from moma.pipeline.training.run_plan import model_config
     from moma.tokenizers.vocab import TokenizerIdentity, Vocab
 
     vocab = Vocab(text=TokenizerIdentity("tiktoken", "t", "0" * 64, 2032),
@@ -48,7 +48,7 @@ def test_every_shipped_run_config_parses_and_plans_its_model() -> None:
         cfg = load_config(str(path))
         model = model_config(cfg, vocab)
         ds = build_ds_config(cfg, world_size=cfg.parallel.ep_size * 2)
-        from moma.pipeline.training.engine import check_parallel_layout
+        from moma.pipeline.training.expert_layout import check_parallel_layout
 
         check_parallel_layout(model, cfg.parallel.ep_size, cfg.parallel.ep_size * 2, ds["zero_optimization"]["stage"])
 

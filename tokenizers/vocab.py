@@ -1,6 +1,6 @@
 """The unified vocabulary: one id space for BPE text, control tokens and image codes.
 
-Layout (the contract between tokenizers, shards and the model, see DESIGN.md)::
+Layout (the contract between tokenizers, shards and the model; docs/design.md)::
 
     [0, V_text)                         BPE mergeable ranks (byte level: any UTF-8 round-trips)
     [V_text, V_text + 16)               <|bos|> <|eos|> <|boi|> <|eoi|> <|pad|> + 11 reserved
@@ -29,6 +29,7 @@ from moma.tokenizers.fileio import write_json_atomic
 SPECIAL_TOKENS: tuple[str, ...] = ("<|bos|>", "<|eos|>", "<|boi|>", "<|eoi|>", "<|pad|>")
 NUM_RESERVED = 11  # 5 named + 11 reserved = 16 control slots, room to add tokens without a re-layout
 VOCAB_FORMAT = "moma-vocab/1"
+IGNORE_INDEX = -100  # a label that is never a target (pad, and whatever follows the last token)
 
 TEXT = 0
 IMAGE = 1

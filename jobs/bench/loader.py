@@ -27,7 +27,7 @@ from moma.pipeline.training.engine import configure_accelerator
 
 configure_accelerator()
 
-from moma.pipeline.loader.loader import DataSource, LoaderConfig, PackedLoader  # noqa: E402
+from moma.pipeline.loader.loader import DataConfig, DataSource, PackedLoader  # noqa: E402
 from moma.pipeline.model.config import preset  # noqa: E402
 from moma.pipeline.model.transformer import Transformer  # noqa: E402
 from moma.pipeline.shards.manifest import Manifest  # noqa: E402
@@ -44,8 +44,8 @@ def bare_pass(directory: Path, manifest: Manifest) -> tuple[int, float]:
 
 
 def loader_pass(directory: Path, total: int, workers: int, seq_len: int, batch: int) -> tuple[int, float]:
-    loader = PackedLoader(LoaderConfig(sources=(DataSource(str(directory)),), seq_len=seq_len, batch_size=batch,
-                                       num_workers=workers, shuffle_buffer=1000))
+    loader = PackedLoader(DataConfig(sources=(DataSource(str(directory)),), seq_len=seq_len, num_workers=workers,
+                                     shuffle_buffer=1000), batch_size=batch)
     start, tokens = time.perf_counter(), 0
     for b in loader:
         tokens += b["input_ids"].numel()

@@ -1,14 +1,14 @@
 """The training data loader: packed multimodal batches from shard directories, split over ranks and
 DataLoader workers, with exact mid-epoch resume (also onto another world size).
 
-    loader = PackedLoader(LoaderConfig(sources=[DataSource("shards/", 1.0)], seq_len=512, batch_size=8),
+    loader = PackedLoader(DataConfig(sources=(DataSource("shards/", 1.0),), seq_len=512), batch_size=8,
                           rank=0, world_size=1, vocab=run_vocab)
     for batch in loader: ...                  # input_ids [B, L], labels [B, L] (-100 = ignored)
     state = loader.state_dict()               # after K batches
     PackedLoader(cfg, ..., state=state)       # yields exactly what the uninterrupted loader yields next
 
 Every rank runs S_r = max(1, num_workers) streams (stream.py) — globally S = world_size * S_r —
-each owning a deterministic share of every epoch (plan.py). Batches are assembled inside the
+each owning a deterministic share of every epoch (epoch_plan.py). Batches are assembled inside the
 workers and carry their stream's state; this process keeps, per stream, the state that came with
 the last batch it *consumed* (prefetched batches do not count) and the number consumed. Workers send
 batches in chunks (a few per item: the per-item cost of a worker -> main transfer is fixed) and a
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,13 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from braceexpand import braceexpand
 
 from moma.pipeline.errors import MomaError
-from moma.pipeline.loader.plan import SourcePlan, resplit
+from moma.pipeline.loader.epoch_plan import SourceShards, resplit
 from moma.pipeline.loader.stream import (
     Stream,
     StreamConfig,
-    StreamSource,
+    StreamInput,
     pack_for_transport,
     to_batch,
     unpack_transported,
@@ -68,31 +68,22 @@ class DataSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoaderConfig:
-    sources: tuple[DataSource, ...]
-    seq_len: int
-    batch_size: int  # windows per batch (the micro-batch of one rank)
-    seed: int = 0
+class DataConfig:
+    """The `data` section of a run config, and everything a loader reads it with (the batch size
+    and the seed come from the run: `parallel.micro_batch`, `seed`)."""
+
+    sources: tuple[DataSource, ...] = ()
+    seq_len: int = 256
     shuffle_buffer: int = 1000  # documents read and shuffled together (memory bound per source)
-    num_workers: int = 2
-    keep_images_whole: bool = False
-    strict: bool = False
+    num_workers: int = 2  # DataLoader workers per rank; each runs one stream (0: one stream in-process)
+    keep_images_whole: bool = False  # move an image that a window would cut into the next window
+    strict: bool = False  # bad shard data stops the run instead of being counted and skipped
     prefetch_factor: int = 4
     transport_chunk: int | None = None  # raw batches per worker->main item; None: ~64k tokens, at most 16
 
-
-BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """`data-{000000..000003}.tar` -> the four names (zero padding kept)."""
-    m = BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo)
-    return [n for i in range(int(lo), int(hi) + 1)
-            for n in expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
+    @property
+    def streams_per_rank(self) -> int:
+        return max(1, self.num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +96,8 @@ class ResolvedSource:
 
 
 def resolve_source(src: DataSource) -> ResolvedSource:
+    """A source's manifest and the shards it names (brace patterns expanded by `braceexpand`,
+    the library webdataset uses)."""
     path = Path(src.path)
     directory = path if path.is_dir() else path.parent
     manifest = Manifest.load(directory)
@@ -112,7 +105,7 @@ def resolve_source(src: DataSource) -> ResolvedSource:
     if path.is_dir():
         names = [s.name for s in manifest.shards]
     else:
-        names = [Path(n).name for n in expand_braces(src.path)]
+        names = [Path(n).name for n in braceexpand(src.path)]
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ValueError(f"{src.path}: {unknown[:3]} not listed in {directory / 'manifest.json'}")
@@ -123,6 +116,42 @@ def resolve_source(src: DataSource) -> ResolvedSource:
                           tuple(by_name[n].docs for n in names))
 
 
+def resolve_sources(data: DataConfig, streams: int, vocab: Vocab | None = None,
+                    consumer: str = "the run's tokenizers") -> list[ResolvedSource]:
+    """Every source resolved and checked: the same tokenizers everywhere (against `vocab`, else
+    against the first source), a positive weight, at least one document per stream, and shards
+    missing on disk (an error when strict, else a warning: they are counted and skipped). The
+    checks `moma train --check` runs before launch and the loader runs again on every rank."""
+    if not data.sources:
+        raise ValueError("no data sources: give at least one shard directory")
+    resolved: list[ResolvedSource] = []
+    for src in data.sources:
+        try:
+            r = resolve_source(src)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"data.sources {src.path}: {e}") from None
+        if vocab is not None:
+            r.manifest.check_tokenizers(vocab, r.directory, consumer)
+        elif resolved:
+            first = resolved[0]
+            r.manifest.check_tokenizers(first.manifest.vocab, r.directory, str(first.directory / "manifest.json"))
+        if src.weight <= 0:
+            raise ValueError(f"data.sources {src.path}: weight must be > 0, got {src.weight}")
+        if sum(r.docs) < streams:
+            raise ValueError(f"data.sources {src.path} has {sum(r.docs)} documents but the loader runs {streams} "
+                             f"streams (ranks x max(1, data.num_workers)) and every stream needs one: use fewer "
+                             f"workers or more data")
+        missing = [p for p in r.shard_paths if not Path(p).exists()]
+        if missing:
+            if data.strict:
+                raise MomaError(f"data.sources {src.path}: {len(missing)} shard(s) listed in "
+                                f"{r.directory / 'manifest.json'} are missing on disk, e.g. {missing[0]}")
+            log.warning("%d shard(s) of %s missing on disk (they will be counted and skipped): %s",
+                        len(missing), r.directory, missing[:3])
+        resolved.append(r)
+    return resolved
+
+
 class _StreamsDataset(torch.utils.data.IterableDataset):
     """What each DataLoader worker runs: its stream (after the resume rotation), in chunks of
     `chunk` raw batches (worker 0's first chunk: `first_chunk`, the rest of an interrupted one).
@@ -131,7 +160,7 @@ class _StreamsDataset(torch.utils.data.IterableDataset):
     as much as packing a whole batch of short windows. The DataLoader takes items from its workers
     round-robin, so batches come out as chunk 0 of worker 0, chunk 0 of worker 1, ..."""
 
-    def __init__(self, sources: list[StreamSource], cfg: StreamConfig, rank: int, per_rank: int, streams: int,
+    def __init__(self, sources: list[StreamInput], cfg: StreamConfig, rank: int, per_rank: int, streams: int,
                  rotation: int, states: dict[int, Any], chunk: int, first_chunk: int) -> None:
         self.sources, self.cfg = sources, cfg
         self.rank, self.per_rank, self.streams, self.rotation = rank, per_rank, streams, rotation
@@ -150,40 +179,19 @@ class _StreamsDataset(torch.utils.data.IterableDataset):
 
 
 class PackedLoader:
-    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1, vocab: Vocab | None = None,
-                 consumer: str = "the run's tokenizers", state: dict[str, Any] | list[dict[str, Any]] | None = None):
-        if not cfg.sources:
-            raise ValueError("no data sources")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.per_rank = max(1, cfg.num_workers)
+    def __init__(self, data: DataConfig, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 vocab: Vocab | None = None, consumer: str = "the run's tokenizers",
+                 state: dict[str, Any] | list[dict[str, Any]] | None = None):
+        self.cfg, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = data.streams_per_rank
         self.streams = world_size * self.per_rank
-        self.resolved = [resolve_source(s) for s in cfg.sources]
-        first = self.resolved[0]
-        for r in self.resolved:
-            if vocab is not None:
-                r.manifest.check_tokenizers(vocab, r.directory, consumer)
-            elif r is not first:
-                r.manifest.check_tokenizers(first.manifest.vocab, r.directory, str(first.directory / "manifest.json"))
-            if r.source.weight <= 0:
-                raise ValueError(f"{r.source.path}: weight must be > 0")
-            if sum(r.docs) < self.streams:
-                raise ValueError(f"{r.source.path} has {sum(r.docs)} documents but the loader runs {self.streams} "
-                                 f"streams ({world_size} ranks x {self.per_rank} workers) and every stream needs one: "
-                                 f"use fewer workers or more data")
-            missing = [p for p in r.shard_paths if not Path(p).exists()]
-            if missing:
-                if cfg.strict:
-                    raise MomaError(f"shards listed in {r.directory / 'manifest.json'} are missing: {missing[:3]}")
-                log.warning("%d shard(s) of %s missing on disk (they will be counted and skipped): %s",
-                            len(missing), r.directory, missing[:3])
-        v = vocab or first.manifest.vocab
-        self.vocab = v
-        self.stream_cfg = StreamConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                                       block_size=cfg.shuffle_buffer, vocab_size=v.size, pad_id=v.pad_id,
-                                       boi_id=v.boi_id, eoi_id=v.eoi_id, keep_images_whole=cfg.keep_images_whole,
-                                       strict=cfg.strict)
-        self.plans = [SourcePlan(r.docs) for r in self.resolved]
-        self.stream_sources = [StreamSource(r.shard_paths, plan, draw)
+        self.resolved = resolve_sources(data, self.streams, vocab, consumer)
+        self.vocab = vocab or self.resolved[0].manifest.vocab
+        self.stream_cfg = StreamConfig(data=data, batch_size=batch_size, seed=seed, vocab_size=self.vocab.size,
+                                       pad_id=self.vocab.pad_id, boi_id=self.vocab.boi_id, eoi_id=self.vocab.eoi_id)
+        self.plans = [SourceShards(r.docs) for r in self.resolved]
+        self.stream_sources = [StreamInput(r.shard_paths, plan, draw)
                                for r, plan, draw in zip(self.resolved, self.plans, self._draw_weights())]
         self.consumed = 0
         self.stream_states: dict[int, Any] = {}
@@ -208,7 +216,7 @@ class PackedLoader:
         first batch waits for a whole chunk)."""
         if self.cfg.transport_chunk is not None:
             return self.cfg.transport_chunk
-        return min(16, max(1, 65536 // (self.cfg.batch_size * (self.cfg.seq_len + 1))))
+        return min(16, max(1, 65536 // (self.batch_size * (self.cfg.seq_len + 1))))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Batch i came from chunk i // chunk, served by stream (chunk index + rotation) % per_rank.
@@ -241,7 +249,7 @@ class PackedLoader:
     def state_dict(self) -> dict[str, Any]:
         """Plain containers only (loadable with torch.load(weights_only=True))."""
         return {"version": STATE_VERSION, "world_size": self.world_size, "per_rank": self.per_rank,
-                "rank": self.rank, "consumed": self.consumed, "seed": self.cfg.seed,
+                "rank": self.rank, "consumed": self.consumed, "seed": self.seed,
                 "shuffle_buffer": self.cfg.shuffle_buffer,
                 "sources": [[str(r.directory), list(r.docs)] for r in self.resolved],
                 "streams": {int(k): _plain(v) for k, v in self.stream_states.items()}}
@@ -252,7 +260,7 @@ class PackedLoader:
         for st in states:
             if st.get("version") != STATE_VERSION:
                 raise ValueError(f"loader state version {st.get('version')} != {STATE_VERSION}")
-            if st["seed"] != self.cfg.seed or st["shuffle_buffer"] != self.cfg.shuffle_buffer or \
+            if st["seed"] != self.seed or st["shuffle_buffer"] != self.cfg.shuffle_buffer or \
                     [d for _, d in st["sources"]] != [list(r.docs) for r in self.resolved]:
                 raise ValueError("the saved loader state belongs to other data, seed or shuffle buffer; "
                                  "resuming it would not continue the same stream")
@@ -272,7 +280,7 @@ class PackedLoader:
             by_stream.update({int(k): v for k, v in st["streams"].items()})
         fresh = Stream(self.stream_sources, self.stream_cfg, 0, old_streams).state()  # never-consumed streams
         old = [by_stream.get(s, _plain(fresh)) for s in range(old_streams)]
-        new = resplit(self.plans, old, old_streams, self.streams, self.cfg.seed, self.cfg.shuffle_buffer)
+        new = resplit(self.plans, old, old_streams, self.streams, self.seed, self.cfg.shuffle_buffer)
         if self.rank == 0:  # skipped-data counters live on
             new[0]["bad"] = dict(sum((Counter(o.get("bad", {})) for o in old), Counter()))
         self.consumed = 0

@@ -15,42 +15,60 @@ import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from moma.pipeline.loader.plan import Cursor, SourcePlan, epoch_share
-from moma.pipeline.loader.reader import SegmentReader, ShardDataError, block_order, pending_order
+from moma.pipeline.loader.epoch_plan import Cursor, SourceShards, epoch_share
+from moma.pipeline.loader.shard_reader import SegmentReader, ShardDataError, block_order, pending_order
+from moma.tokenizers.vocab import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from moma.pipeline.loader.loader import DataConfig
+
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamSource:
+class StreamInput:
     shard_paths: tuple[str, ...]
-    plan: SourcePlan
+    plan: SourceShards
     weight: float
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-    seq_len: int
+    """What a stream needs beyond the data section: the batch size, the seed, the vocabulary's ids."""
+
+    data: DataConfig
     batch_size: int
     seed: int
-    block_size: int  # shuffle buffer: documents read and shuffled together
     vocab_size: int
     pad_id: int
     boi_id: int
     eoi_id: int
-    keep_images_whole: bool = False
-    strict: bool = False
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len
+
+    @property
+    def block_size(self) -> int:  # the shuffle buffer: documents read and shuffled together
+        return self.data.shuffle_buffer
+
+    @property
+    def keep_images_whole(self) -> bool:
+        return self.data.keep_images_whole
+
+    @property
+    def strict(self) -> bool:
+        return self.data.strict
 
 
-class SourceStream:
+class SourceDocuments:
     """Endless documents of one source for one stream (epoch after epoch), advancing its cursor."""
 
-    def __init__(self, src: StreamSource, index: int, cfg: StreamConfig, stream: int, streams: int, cursor: Cursor,
+    def __init__(self, src: StreamInput, index: int, cfg: StreamConfig, stream: int, streams: int, cursor: Cursor,
                  bad: Counter) -> None:
         self.src, self.index, self.cfg = src, index, cfg
         self.stream, self.streams = stream, streams
@@ -151,13 +169,14 @@ class SourceStream:
 class Stream:
     """The documents -> windows -> batches pipeline of one stream, with its resumable state."""
 
-    def __init__(self, sources: list[StreamSource], cfg: StreamConfig, stream: int, streams: int,
+    def __init__(self, sources: list[StreamInput], cfg: StreamConfig, stream: int, streams: int,
                  state: dict[str, Any] | None = None) -> None:
         self.cfg, self.stream, self.streams = cfg, stream, streams
         state = copy.deepcopy(state) if state else {}
         cursors = [Cursor.from_json(c) for c in state.get("cursors", [])] or [Cursor() for _ in sources]
         self.bad: Counter = Counter(state.get("bad", {}))
-        self.sources = [SourceStream(s, m, cfg, stream, streams, cursors[m], self.bad) for m, s in enumerate(sources)]
+        self.sources = [SourceDocuments(s, m, cfg, stream, streams, cursors[m], self.bad)
+                        for m, s in enumerate(sources)]
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.rng = np.random.default_rng([cfg.seed, stream, streams, 0x313C] + ([7] if state.get("resplit") else []))

@@ -111,12 +111,11 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config fields: {unknown}")
-        return cls(**data)
+    def from_json(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
+        """Typed like every other config (unknown fields and wrong types name the field)."""
+        from moma.pipeline.config_parsing import from_dict
+
+        return from_dict(cls, data, where)
 
 
 # Table 5 of the paper (layers / d_model / ffn hidden / heads) plus a CPU-sized one.

@@ -58,8 +58,7 @@ def build_moe(cfg: ModelConfig, num_experts: int, ep_size: int) -> nn.Module:
     """A DeepSpeed MoE layer of `num_experts` SwiGLU experts with our gate."""
     from deepspeed.moe.layer import MoE
 
-    if num_experts % ep_size:
-        raise ValueError(f"{num_experts} experts in a group cannot be split over expert-parallel size {ep_size}")
+    # num_experts % ep_size == 0 is checked before launch (training/expert_layout.py) and asserted by MoE()
     moe = MoE(hidden_size=cfg.d_model, expert=SwiGLU(cfg.d_model, cfg.ffn_hidden), num_experts=num_experts,
               ep_size=ep_size, k=1, min_capacity=0, use_rts=False)
     if cfg.router == "expert_choice":
@@ -100,12 +99,6 @@ class GroupedMoEFFN(nn.Module):
             aux = aux + l_aux
         self.aux_loss = aux
         return out.view_as(x)
-
-    @staticmethod
-    def moe_type() -> type:
-        from deepspeed.moe.layer import MoE
-
-        return MoE
 
     def gates(self) -> dict[str, nn.Module]:
         return {name: getattr(self, f"{name}_moe").deepspeed_moe.gate for name in self.group_names}

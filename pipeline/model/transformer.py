@@ -3,14 +3,16 @@
 Pre-norm blocks: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h), modality). Attention is shared
 by both modalities (RoPE, QK-norm, causal SDPA); only the FFN differs between the variants
 (ffn.py). A token's modality is a function of its id (id >= image_offset), so the batch carries
-nothing else. The model knows no process groups: `ep_size` only sets how many experts each rank
-holds, and DeepSpeed wires the rest (training/engine.py).
+nothing else. The model knows no process groups and no expert placement: `ep_size` only sets how
+many experts each rank holds; DeepSpeed's groups are wired in training/engine.py and global expert
+names live in training/expert_layout.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,7 @@ from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.ffn import GroupedMoEFFN, build_ffn
-
-IGNORE_INDEX = -100
+from moma.tokenizers.vocab import IGNORE_INDEX
 
 
 class RMSNorm(nn.Module):
@@ -145,18 +146,15 @@ class Transformer(nn.Module):
 
     # --- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, seed: int, ep_rank: int = 0) -> None:
-        """Deterministic, layout-independent init: each tensor is drawn from a generator seeded by
-        (seed, its *global* name), where an expert's name carries its global expert index. The same
-        seed gives the same global model for any expert-parallel size, and experts start distinct."""
-        local_counts = {prefix: m.num_local_experts for prefix, m in self.named_modules()
-                        if isinstance(m, GroupedMoEFFN.moe_type())}
+    def init_weights(self, seed: int, canonical_name: Callable[[str], str] = str) -> None:
+        """Deterministic init: each tensor is drawn from a generator seeded by (seed, its canonical
+        name). With expert parallelism the caller maps a rank-local expert's name to its global one
+        (training/expert_layout.py), so the same seed gives the same global model on any layout and
+        experts start distinct."""
         for name, param in self.named_parameters():
             if param.is_meta:
                 continue
-            moe_prefix = name.split(".deepspeed_moe.", 1)[0]
-            canonical = global_param_name(name, ep_rank, local_counts.get(moe_prefix))
-            digest = hashlib.sha256(f"{seed}:{canonical}".encode()).digest()
+            digest = hashlib.sha256(f"{seed}:{canonical_name(name)}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
             if name.endswith("norm.weight"):
                 values = torch.ones(param.shape)
@@ -175,16 +173,3 @@ class Transformer(nn.Module):
                 out.update({f"{i}.{g}": gate for g, gate in layer.ffn.gates().items()})
         return out
 
-
-EXPERT_MARK = ".deepspeed_experts."
-
-
-def global_param_name(name: str, ep_rank: int, num_local: int | None = None) -> str:
-    """Rewrite a local expert index in a parameter name to the global one (ep_rank * local + i)."""
-    if EXPERT_MARK not in name:
-        return name
-    head, tail = name.split(EXPERT_MARK, 1)
-    local, rest = tail.split(".", 1)
-    if num_local is None:
-        raise ValueError("num_local is needed to globalise an expert parameter name")
-    return f"{head}{EXPERT_MARK}{ep_rank * num_local + int(local)}.{rest}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from moma.pipeline.documents import Document, ImageSegment, Record, Reject, caption_pair, clean_caption
 from moma.pipeline.readers.base import Reader, cached_json, chunked_units, expand_paths, register
+from moma.pipeline.shards.tar_reader import TarFormatError, tar_samples
 from moma.tokenizers.image_preprocess import IMAGE_SUFFIXES
 
 IMAGE_MEMBER_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -139,25 +139,10 @@ class Img2DatasetReader(Reader):
     def read(self, unit: str) -> Iterator[Record]:
         path = Path(unit)
         try:
-            with tarfile.open(path, mode="r|*") as tar:  # streaming: one member at a time
-                group: dict[str, bytes] = {}
-                key = None
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = os.path.basename(member.name)
-                    dirname = os.path.dirname(member.name)
-                    stem, _, ext = base.partition(".")
-                    member_key = f"{dirname}/{stem}" if dirname else stem
-                    if key is not None and member_key != key:
-                        yield self._sample(path, key, group)
-                        group = {}
-                    key = member_key
-                    f = tar.extractfile(member)
-                    group[ext.lower()] = f.read() if f else b""
-                if key is not None:
-                    yield self._sample(path, key, group)
-        except (tarfile.TarError, OSError, EOFError) as e:
+            with open(path, "rb") as f:  # the shards' own tar reader: members streamed, one sample at a time
+                for key, group in tar_samples(f):
+                    yield self._sample(path, key, {ext.lower(): data or b"" for ext, data in group.items()})
+        except (TarFormatError, OSError) as e:
             yield Reject(self.name, f"{path.name}/<rest>", "truncated_tar", f"{path}: {e}")
 
     def _sample(self, path: Path, key: str, group: dict[str, bytes]) -> Record:

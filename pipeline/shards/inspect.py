@@ -6,8 +6,6 @@ text and pictures (a PNG with each document's text beside its images).
 
 from __future__ import annotations
 
-import io
-import tarfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,20 +15,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from moma.pipeline.shards.assemble import Tokenizers
 from moma.pipeline.shards.manifest import Manifest
+from moma.pipeline.shards.npy import load_npy
+from moma.pipeline.shards.tar_reader import tar_samples
 from moma.tokenizers.vocab import Vocab
 
 
 def iter_samples(tar_path: Path) -> Iterator[tuple[str, np.ndarray, bytes]]:
-    """(key, tokens, json bytes) of each sample in one of our tars (plain tarfile, no webdataset)."""
-    pending: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            f = tar.extractfile(member)
-            pending.setdefault(key, {})[ext] = f.read() if f else b""
-            if {"tokens.npy", "json"} <= pending[key].keys():
-                parts = pending.pop(key)
-                yield key, np.load(io.BytesIO(parts["tokens.npy"]), allow_pickle=False), parts["json"]
+    """(key, tokens, json bytes) of each sample in one of our tars (the loader's tar reader)."""
+    with open(tar_path, "rb") as f:
+        for key, parts in tar_samples(f, read=("tokens.npy", "json")):
+            if parts.get("tokens.npy") is not None and parts.get("json") is not None:
+                yield key, load_npy(parts["tokens.npy"]), parts["json"]
 
 
 def split_document(tokens: np.ndarray, vocab: Vocab) -> list[tuple[str, np.ndarray]]:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moma.pipeline.errors import MomaError
-from moma.pipeline.model.transformer import global_param_name
+from moma.pipeline.training.expert_layout import ExpertLayout, is_expert_param
 from moma.tokenizers.fileio import atomic_write
 
 LATEST = "latest"
@@ -94,18 +94,8 @@ def load_model_states(tag_dir: Path) -> dict[str, Any]:
     return states
 
 
-def _local_counts(module: torch.nn.Module) -> dict[str, int]:
-    return {prefix: m.num_local_experts for prefix, m in module.named_modules() if hasattr(m, "num_local_experts")}
-
-
 def global_names(module: torch.nn.Module, ep_rank: int) -> dict[str, str]:
-    counts = _local_counts(module)
-    return {n: global_param_name(n, ep_rank, counts.get(n.split(".deepspeed_moe.", 1)[0]))
-            for n, _ in module.named_parameters()}
-
-
-def _is_expert(name: str) -> bool:
-    return ".deepspeed_experts." in name
+    return ExpertLayout(ep_rank=ep_rank).global_names(module)
 
 
 def _adam_states(engine: Any) -> list[dict[str, Any]]:
@@ -154,7 +144,7 @@ def save_universal(engine: Any, directory: Path, ep_rank: int, edp_rank: int) ->
         else:  # ZeRO stage 0: the torch optimizer keeps per-parameter state
             state = engine.optimizer.state.get(p, {})
             fp32, moments = p.detach().float(), {k: state.get(k) for k in ADAM_KEYS}
-        owner = edp_rank == 0 if _is_expert(name) else rank == 0
+        owner = edp_rank == 0 if is_expert_param(name) else rank == 0
         if owner:
             out[names[name]] = {"fp32": fp32.detach().cpu().clone(),
                                 **{k: v.detach().cpu().clone() if v is not None else None for k, v in moments.items()}}

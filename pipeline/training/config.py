@@ -4,42 +4,24 @@ directory.
 
     moma train jobs/configs/demo_tiny.yaml model.ffn=moma_2t2i optim.lr=3e-4 --dry-run
 
-Unknown keys, wrong types and impossible values are errors that name the key, raised before any
-process group exists.
+Every setting is defined once, with its default, in the dataclass of the stage that uses it: the
+`data` section is the loader's own DataConfig, `model.overrides` holds ModelConfig fields (typed
+against ModelConfig itself). Unknown keys, wrong types and impossible values are errors that name
+the key, raised before any process group exists (config_parsing.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from moma.pipeline.errors import MomaError
+from moma.pipeline.config_parsing import ConfigError, apply_overrides, fields_of, from_dict, read_tree, to_tree
+from moma.pipeline.loader.loader import DataConfig
 
-
-class ConfigError(MomaError):
-    """A run configuration that cannot work, found before launch."""
-
-
-@dataclasses.dataclass
-class SourceConfig:
-    path: str  # shard directory, or DIR/prefix-{000000..000099}.tar
-    weight: float = 1.0
-
-
-@dataclasses.dataclass
-class DataConfig:
-    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
-    seq_len: int = 256
-    shuffle_buffer: int = 1000
-    num_workers: int = 2
-    keep_images_whole: bool = False
-    strict: bool = False
+__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "from_dict", "load_config", "save_config"]
 
 
 @dataclasses.dataclass
@@ -53,7 +35,9 @@ class TokenizerConfig:
 class ModelSection:
     preset: str = "tiny"  # tiny | 90m | 435m | 1.4b
     ffn: str = "moma_4t4i"
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # any ModelConfig field
+    # any ModelConfig field but those the tokenizers and `ffn` decide, typed against ModelConfig
+    overrides: dict[str, Any] = fields_of("moma.pipeline.model.config:ModelConfig",
+                                          exclude=("vocab_size", "image_offset", "ffn"))
 
 
 @dataclasses.dataclass
@@ -120,109 +104,11 @@ class TrainConfig:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# --- generic typed parsing ---------------------------------------------------------------------------
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot, no exponent sign) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown config key {key!r} (known here: {sorted(names)})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`a.b=c` (c parsed as YAML: numbers, lists, booleans, null)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. optim.lr=3e-4)")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(raw)
-    return data
+        return to_tree(self)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        try:
-            data = (json.loads(text) if path.endswith(".json") else yaml.safe_load(text)) or {}
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot be parsed ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_tree(path) if path else {}
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))
 
 

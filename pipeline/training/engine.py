@@ -1,11 +1,12 @@
-"""The one place where parallelism is wired: process groups, expert placement, the DeepSpeed engine.
+"""The one place where parallelism is wired: process groups, the model on this rank, the DeepSpeed engine.
 
-    dist = init_distributed()                          # deepspeed / torchrun / srun environments
+    info = init_distributed()                          # deepspeed / torchrun / srun environments
     ep_rank = expert_parallel_rank(ep_size)            # DeepSpeed's expert + expert-data groups
     model = build_model(model_cfg, ep_size, seed, ep_rank)
-    engine = initialize_engine(model, ds_config, lr_lambda)
+    engine = initialize_engine(model, ds_config, weight_decay, lr_lambda)
 
-The model code knows nothing of this: it only holds `E / ep_size` experts per MoE layer.
+The model code knows nothing of this: it only holds `E / ep_size` experts per MoE layer; which
+global experts those are, and their names, is expert_layout.py's business.
 DeepSpeed's MoE machinery does the rest: its expert-parallel and expert-data-parallel groups
 (created here through DeepSpeed's own function, before the engine, so that experts can be
 initialised by their *global* index), MoE parameter groups for the ZeRO optimizer
@@ -23,32 +24,7 @@ import torch
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.transformer import Transformer
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout DeepSpeed would reject (or crash on) later: caught before any process group."""
-
-
-def check_parallel_layout(cfg: ModelConfig, ep_size: int, world_size: int, zero_stage: int) -> None:
-    """Refuse layouts that cannot work, with the reason, before anything is launched."""
-    spec = cfg.ffn_spec
-    uses_moe = spec.learned_routing
-    if ep_size < 1:
-        raise ParallelConfigError(f"expert-parallel size must be >= 1, got {ep_size}")
-    if world_size % ep_size:
-        raise ParallelConfigError(f"world size {world_size} is not a multiple of expert-parallel size {ep_size}")
-    if ep_size > 1 and not uses_moe:
-        raise ParallelConfigError(f"expert-parallel size {ep_size} needs a learned-routing MoE FFN; {cfg.ffn} has "
-                                  f"no DeepSpeed MoE layers (use ep_size 1)")
-    for group, n in spec.groups if uses_moe else ():
-        if n % ep_size:
-            raise ParallelConfigError(f"{cfg.ffn}: the {group} group's {n} experts cannot be split evenly over "
-                                      f"expert-parallel size {ep_size} (num_experts % ep_size = {n % ep_size})")
-    if uses_moe and zero_stage == 3:
-        raise ParallelConfigError("ZeRO stage 3 does not support DeepSpeed's native MoE layers (DeepSpeed refuses "
-                                  "them at initialisation): use ZeRO stage 1 or 2")
-    if zero_stage not in (0, 1, 2, 3):
-        raise ParallelConfigError(f"unknown ZeRO stage {zero_stage}")
+from moma.pipeline.training.expert_layout import ExpertLayout, init_weights
 
 
 def configure_accelerator() -> None:
@@ -119,8 +95,9 @@ def expert_parallel_rank(ep_size: int) -> int:
 
 def build_model(cfg: ModelConfig, ep_size: int = 1, seed: int = 0, ep_rank: int = 0,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """This rank's model (its `E / ep_size` experts per group), initialised by global names."""
     model = Transformer(cfg, ep_size=ep_size)
-    model.init_weights(seed, ep_rank=ep_rank)
+    init_weights(model, seed, ExpertLayout(ep_size, ep_rank))
     return model.to(device=device, dtype=dtype)
 
 

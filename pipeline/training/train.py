@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moma.pipeline.loader.loader import DataSource, LoaderConfig, PackedLoader
+from moma.pipeline.loader.loader import PackedLoader
 from moma.pipeline.training.checkpoint import (
     find_checkpoint,
     load_model_states,
@@ -46,7 +46,7 @@ from moma.pipeline.training.engine import (
     launch_env,
 )
 from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
-from moma.pipeline.training.plan import RunPlan, plan_run
+from moma.pipeline.training.run_plan import RunPlan, plan_run
 from moma.tokenizers.fileio import write_json_atomic
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
@@ -120,12 +120,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> int:
     if found is not None:
         progress, loader_state = resume_from(engine, plan, found, ep_rank, info.rank)
 
-    loader = PackedLoader(LoaderConfig(sources=tuple(DataSource(s.path, s.weight) for s in cfg.data.sources),
-                                       seq_len=cfg.data.seq_len, batch_size=cfg.parallel.micro_batch, seed=cfg.seed,
-                                       shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
-                                       keep_images_whole=cfg.data.keep_images_whole, strict=cfg.data.strict),
-                          rank=info.rank, world_size=plan.world_size, vocab=plan.vocab,
-                          consumer=f"{run_dir}/config.yaml", state=loader_state)
+    loader = PackedLoader(cfg.data, batch_size=cfg.parallel.micro_batch, seed=cfg.seed, rank=info.rank,
+                          world_size=plan.world_size, vocab=plan.vocab, consumer=f"{run_dir}/config.yaml",
+                          state=loader_state)
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     code = _loop(cfg, plan, engine, loader, progress, end, info, ep_rank)
     dist.barrier()

@@ -23,7 +23,7 @@ Segment = tuple[int, int, int]  # (shard index within the source, first doc, end
 
 
 @dataclasses.dataclass(frozen=True)
-class SourcePlan:
+class SourceShards:
     """One source's shards (document counts in manifest order) and its place in the mixture."""
 
     docs_per_shard: tuple[int, ...]
@@ -37,7 +37,7 @@ def shard_order(seed: int, source: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, source, epoch, 0x5EED]).permutation(n)
 
 
-def epoch_share(plan: SourcePlan, seed: int, source: int, epoch: int, stream: int, streams: int) -> list[Segment]:
+def epoch_share(plan: SourceShards, seed: int, source: int, epoch: int, stream: int, streams: int) -> list[Segment]:
     """The (shard, start, end) segments stream `stream` of `streams` reads in `epoch`."""
     order = shard_order(seed, source, epoch, len(plan.docs_per_shard))
     n = plan.total
@@ -75,12 +75,12 @@ class Cursor:
         return cls(**d)
 
 
-def remaining_work(plan: SourcePlan, cursor: Cursor, seed: int, source: int, stream: int, streams: int,
+def remaining_work(plan: SourceShards, cursor: Cursor, seed: int, source: int, stream: int, streams: int,
                    block_size: int, up_to_epoch: int) -> list[dict[str, Any]]:
     """Everything `stream` still had to read up to the end of `up_to_epoch`, as pending items:
     {"samples": [shard, [doc, ...]]} for the partly read (already shuffled) block, {"segment": [...]}
     for whole unread ranges (read and block-shuffled as usual)."""
-    from moma.pipeline.loader.reader import block_order  # the shuffle of a block, as the stream does it
+    from moma.pipeline.loader.shard_reader import block_order  # the shuffle of a block, as the stream does it
 
     items = [dict(p) for p in cursor.pending]
     segments = epoch_share(plan, seed, source, cursor.epoch, stream, streams)
@@ -101,7 +101,7 @@ def remaining_work(plan: SourcePlan, cursor: Cursor, seed: int, source: int, str
     return items
 
 
-def resplit(plans: list[SourcePlan], old_states: list[dict[str, Any]], old_streams: int, new_streams: int,
+def resplit(plans: list[SourceShards], old_states: list[dict[str, Any]], old_streams: int, new_streams: int,
             seed: int, block_size: int) -> list[dict[str, Any]]:
     """New per-stream states for `new_streams` from the saved states of all `old_streams`."""
     if len(old_states) != old_streams:

@@ -1,4 +1,4 @@
-"""Sequential tar member reading for the loader's hot path.
+"""The one tar reader: our shards (loader, `shards inspect`) and img2dataset's WebDataset tars.
 
 `tarfile.TarFile.next()` builds a full TarInfo per member (every field decoded, pax and sparse
 machinery): on shards of short documents that was most of the loader's time. This reader decodes
@@ -6,11 +6,14 @@ only what the loader uses (name, size, type), checks each header's checksum, and
 data only when asked; everything else is skipped with a seek. It understands what tar writers
 put in WebDataset shards: ustar/POSIX headers, pax extended headers (``x``: path and size
 override the next member; ``g``: ignored) and GNU long names (``L``). It is tested against
-`tarfile` on the same archives (tests/test_tarstream.py).
+`tarfile` on the same archives (tests/test_tar_reader.py).
 
     with open(path, "rb") as f:
         for name, size, read in tar_members(f):
             data = read() if name.endswith(".npy") else None  # unread data is skipped
+    with open(path, "rb") as f:
+        for key, members in tar_samples(f, read={"tokens.npy", "json"}):   # WebDataset samples
+            ...
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import functools
 import io
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Collection, Iterator
 from typing import BinaryIO
 
 BLOCK = 512
@@ -119,3 +123,32 @@ def _padded(size: int) -> int:
 def _read_at(f: BinaryIO, start: int, size: int, name: str) -> bytes:
     f.seek(start)
     return _read_exact(f, size, f"member {name}")
+
+
+# WebDataset's sample rule: the key is the member path up to the first dot of its base name, the
+# extension everything after it ("a/b.tokens.npy" -> key "a/b", extension "tokens.npy").
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a member name; no extension: (name, "")."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2)) if m else (name, "")
+
+
+def tar_samples(f: BinaryIO, read: Collection[str] | None = None
+                ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """WebDataset samples: (key, {extension: data}) for consecutive members that share a key. Only
+    the extensions in `read` are read (None: all); the others map to None and are skipped with a
+    seek. Raises TarFormatError like `tar_members` (the samples before the damage are yielded)."""
+    key: str | None = None
+    group: dict[str, bytes | None] = {}
+    for name, _, read_member in tar_members(f):
+        k, ext = split_member_name(name)
+        if key is not None and k != key:
+            yield key, group
+            group = {}
+        key = k
+        group[ext] = read_member() if read is None or ext in read else None
+    if key is not None:
+        yield key, group

@@ -17,13 +17,14 @@ from typing import Any
 
 import yaml
 
-from moma.pipeline.loader.loader import DataSource, resolve_source
+from moma.pipeline.errors import MomaError
+from moma.pipeline.loader.loader import resolve_sources
 from moma.pipeline.model.accounting import Accounting, count
 from moma.pipeline.model.config import ModelConfig, preset
 from moma.pipeline.shards.manifest import Manifest
 from moma.pipeline.training.config import ConfigError, TrainConfig
 from moma.pipeline.training.ds_config import build_ds_config, precision, zero_stage
-from moma.pipeline.training.engine import ParallelConfigError, check_parallel_layout
+from moma.pipeline.training.expert_layout import ParallelConfigError, check_parallel_layout, placement
 from moma.tokenizers.image_tokenizer import CONFIG_FILE, ImageTokenizer
 from moma.tokenizers.text import TextTokenizer
 from moma.tokenizers.vocab import IdentityMismatchError, TokenizerIdentity, Vocab
@@ -44,17 +45,8 @@ class RunPlan:
         return self.ds_config["train_batch_size"] * self.cfg.data.seq_len
 
     def expert_layout(self) -> list[str]:
-        """Which global experts each rank holds (DeepSpeed's expert-parallel groups are consecutive
-        ranks: rank r is index r % ep_size of its group)."""
-        spec, ep = self.model.ffn_spec, self.cfg.parallel.ep_size
-        if not spec.learned_routing:
-            return [f"no MoE layers ({self.model.ffn}): every rank holds the whole FFN"]
-        lines = []
-        for rank in range(self.world_size):
-            e_rank = rank % ep
-            held = ", ".join(f"{g} experts {e_rank * n // ep}-{(e_rank + 1) * n // ep - 1}" for g, n in spec.groups)
-            lines.append(f"rank {rank} (expert-parallel index {e_rank}, replica {rank // ep}): {held}")
-        return lines
+        """Which global experts each rank holds."""
+        return placement(self.model, self.cfg.parallel.ep_size, self.world_size)
 
     def describe(self) -> str:
         c, ds = self.cfg, self.ds_config
@@ -98,16 +90,12 @@ def run_vocab(cfg: TrainConfig) -> Vocab:
 
 
 def model_config(cfg: TrainConfig, vocab: Vocab) -> ModelConfig:
+    """The preset with the run's overrides (already typed against ModelConfig by the config tree)."""
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("max_seq_len", cfg.data.seq_len)
-    for fixed in ("vocab_size", "image_offset", "ffn"):
-        if fixed in overrides:
-            raise ConfigError(f"model.overrides.{fixed}: set by the tokenizers / model.ffn, not an override")
     try:
         return preset(cfg.model.preset, ffn=cfg.model.ffn, vocab_size=vocab.size, image_offset=vocab.image_offset,
                       **overrides)
-    except TypeError as e:  # an override that is no ModelConfig field
-        raise ConfigError(f"model.overrides: {e}") from None
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -122,26 +110,12 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
         raise ConfigError(f"stop_at_step {cfg.stop_at_step} must lie in [1, max_steps {cfg.max_steps}]")
     if cfg.schedule.decay not in ("linear", "cosine"):
         raise ConfigError(f"schedule.decay must be linear or cosine, got {cfg.schedule.decay!r}")
-    if not cfg.data.sources:
-        raise ConfigError("data.sources is empty: give at least one shard directory")
     vocab = run_vocab(cfg)
-    manifests = []
-    for src in cfg.data.sources:
-        try:
-            resolved = resolve_source(DataSource(src.path, src.weight))
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.sources {src.path}: {e}") from None
-        try:
-            resolved.manifest.check_tokenizers(vocab, resolved.directory, "the run's tokenizers")
-        except IdentityMismatchError as e:
-            raise ConfigError(str(e)) from None
-        missing = [p for p in resolved.shard_paths if not Path(p).exists()]
-        if missing and cfg.data.strict:
-            raise ConfigError(f"data.sources {src.path}: {len(missing)} shard(s) missing on disk, e.g. {missing[0]}")
-        streams = world_size * max(1, cfg.data.num_workers)
-        if sum(resolved.docs) < streams:
-            raise ConfigError(f"data.sources {src.path}: {sum(resolved.docs)} documents for {streams} loader streams")
-        manifests.append(resolved.manifest)
+    streams = world_size * cfg.data.streams_per_rank
+    try:
+        resolved = resolve_sources(cfg.data, streams, vocab, "the run's tokenizers")
+    except (IdentityMismatchError, ValueError, MomaError) as e:
+        raise ConfigError(str(e)) from None
     model = model_config(cfg, vocab)
     ds = build_ds_config(cfg, world_size)
     try:
@@ -149,4 +123,4 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     except ParallelConfigError as e:
         raise ConfigError(str(e)) from None
     return RunPlan(cfg=cfg, world_size=world_size, vocab=vocab, model=model, ds_config=ds,
-                   accounting=count(model, cfg.data.seq_len), manifests=manifests)
+                   accounting=count(model, cfg.data.seq_len), manifests=[r.manifest for r in resolved])

@@ -1,6 +1,6 @@
 """Reading documents out of one shard segment, a shuffle block at a time.
 
-Tars are read sequentially with a lean member reader (tarstream.py; skipping to a segment's first
+Tars are read sequentially with a lean member reader (shards/tar_reader.py; skipping to a segment's first
 document reads only headers). A block of `block_size` documents is read into memory and emitted in
 an order drawn from a seed that names the block, so a resumed reader re-reads the block and gets the
 same order. Bad data is counted (by reason), logged with shard and key, and skipped — or raised in
@@ -10,9 +10,7 @@ a token id outside the vocabulary.
 
 from __future__ import annotations
 
-import io
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,8 @@ from typing import BinaryIO
 import numpy as np
 
 from moma.pipeline.errors import MomaError
-from moma.pipeline.loader.tarstream import TarFormatError, tar_members
+from moma.pipeline.shards.npy import load_npy
+from moma.pipeline.shards.tar_reader import TarFormatError, tar_samples
 
 log = logging.getLogger("moma.loader")
 
@@ -38,27 +37,8 @@ def pending_order(seed: int, source: int, shard: int, start: int, end: int, bloc
     return np.random.default_rng([seed, source, shard, start, end, block, 0x9E4D]).permutation(n)
 
 
-# np.save's version-1 header for a 1-D array, as the shard writer produces it
-_NPY_1D = re.compile(rb"\{'descr': '([<>|][ui][1248])', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """np.load of a .npy member, with a fast path for plain 1-D integer arrays: np.load parses
-    every header with ast.literal_eval, which cost as much as the rest of reading a document.
-    Anything else (other versions, shapes, dtypes) goes through np.load itself."""
-    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
-        end = 10 + int.from_bytes(data[8:10], "little")
-        m = _NPY_1D.fullmatch(data, 10, end)
-        if m is not None:
-            dtype, count = np.dtype(m[1].decode()), int(m[2])
-            if len(data) - end != count * dtype.itemsize:
-                raise ValueError(f"npy body holds {len(data) - end} bytes, header says {count} x {dtype}")
-            return np.frombuffer(data, dtype=dtype, count=count, offset=end)
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 class SegmentReader:
-    """Sequential documents [start, end) of one shard; `read_block(first, count)` in order."""
+    """Documents of one shard by index: `read(first, count)`, sequential reads continue the open tar."""
 
     def __init__(self, path: Path, vocab_size: int, bad: Counter, strict: bool) -> None:
         self.path = path
@@ -93,26 +73,19 @@ class SegmentReader:
     def _members(self) -> Iterator[tuple[str, dict[str, bytes | None]]]:
         """(key, {ext: data}) per document, from the current position; tokens data only is read."""
         assert self._tar is not None
-        key, group = None, {}
-        members = tar_members(self._tar)
+        samples = tar_samples(self._tar, read=("tokens.npy",))
+        key = "-"
         while True:
             try:
-                member = next(members, None)
-                if member is None:
-                    break
-                name, _, read = member
-                k, _, ext = name.partition(".")
-                if key is not None and k != key:
-                    yield key, group
-                    group = {}
-                key = k
-                group[ext] = read() if ext == "tokens.npy" else None
+                item = next(samples, None)
             except (TarFormatError, OSError) as e:
-                self._problem("truncated_tar", key or "-", str(e))
+                self._problem("truncated_tar", key, str(e))
                 self._dead = True
                 return
-        if key is not None:
-            yield key, group
+            if item is None:
+                return
+            key = item[0]
+            yield item
 
     def read(self, first: int, count: int) -> list[tuple[str, np.ndarray] | None]:
         """Documents first .. first+count-1 (None for a skipped one). Reading forward continues the

@@ -1,6 +1,6 @@
 """The loader's lean tar reader against Python's tarfile on the same archives.
 
-    .venv/bin/python -m pytest tests/test_tarstream.py
+    .venv/bin/python -m pytest tests/test_tar_reader.py
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from moma.pipeline.loader.tarstream import TarFormatError, tar_members
+from moma.pipeline.shards.tar_reader import TarFormatError, tar_members
 
 
 def _with_tarfile(path: Path) -> list[tuple[str, bytes]]:
@@ -21,7 +21,7 @@ def _with_tarfile(path: Path) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
 
 
-def _with_tarstream(path: Path, read_every: int = 1) -> list[tuple[str, bytes | None]]:
+def _with_tar_reader(path: Path, read_every: int = 1) -> list[tuple[str, bytes | None]]:
     with open(path, "rb") as f:
         return [(name, read() if i % read_every == 0 else None) for i, (name, _, read) in enumerate(tar_members(f))]
 
@@ -51,9 +51,9 @@ def test_members_match_tarfile(tmp_path: Path, fmt: int) -> None:
     else:
         _archive(path, fmt)
     expected = _with_tarfile(path)
-    assert _with_tarstream(path) == expected
+    assert _with_tar_reader(path) == expected
     # members whose data is not read are skipped, and the following ones still come out right
-    skipped = _with_tarstream(path, read_every=2)
+    skipped = _with_tar_reader(path, read_every=2)
     assert [n for n, _ in skipped] == [n for n, _ in expected]
     assert all(d is None or d == e for (_, d), (_, e) in zip(skipped, expected))
 
@@ -65,7 +65,7 @@ def test_webdataset_shard(tmp_path: Path) -> None:
             buf = io.BytesIO()
             np.save(buf, np.arange(i * 100, dtype=np.uint32))
             w.write({"__key__": f"doc{i:03d}", "tokens.npy": buf.getvalue(), "json": {"i": i}})
-    assert _with_tarstream(path) == _with_tarfile(path)
+    assert _with_tar_reader(path) == _with_tarfile(path)
 
 
 @pytest.mark.parametrize("cut", ["inside_data", "at_boundary", "inside_header"])
@@ -78,7 +78,7 @@ def test_truncated_archives_raise(tmp_path: Path, cut: str) -> None:
     at = {"inside_data": last.offset_data + 10, "at_boundary": last.offset, "inside_header": last.offset + 100}[cut]
     path.write_bytes(raw[:at])
     with pytest.raises(TarFormatError, match="end"):
-        _with_tarstream(path, read_every=10**6)  # even when the data is only skipped
+        _with_tar_reader(path, read_every=10**6)  # even when the data is only skipped
 
 
 def test_corrupt_header_raises(tmp_path: Path) -> None:
@@ -88,4 +88,4 @@ def test_corrupt_header_raises(tmp_path: Path) -> None:
     raw[600:604] = b"\xff\x00\xff\x00"  # inside the second header's name field
     path.write_bytes(bytes(raw))
     with pytest.raises(TarFormatError, match="checksum"):
-        _with_tarstream(path)
+        _with_tar_reader(path)
