@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from moma.pipeline.cli_options import add_options, options_from
 from moma.pipeline.errors import MomaError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -107,20 +108,6 @@ def show_text_tokenizer(tok: TextTokenizer, sample: str) -> str:  # noqa: F821 (
     return "\n".join(lines)
 
 
-def parse_assignments(items: Sequence[str]) -> dict[str, object]:
-    """FIELD=VALUE pairs; values parsed as JSON when they can be (numbers, lists, booleans)."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected FIELD=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def resolve_image_inputs(specs: Sequence[str]) -> list:
     """Image files (directories, list files, paths) or KIND:PATH shard sources (their images)."""
     from moma.pipeline.documents import Document, ImageSegment
@@ -144,14 +131,16 @@ def resolve_image_inputs(specs: Sequence[str]) -> list:
 
 
 def _cmd_train_image(args: argparse.Namespace) -> int:
+    from moma.pipeline.config_parsing import apply_overrides, from_dict
     from moma.tokenizers.vq_train import ImageTrainConfig, train_image_tokenizer
 
-    overrides = parse_assignments(args.set)
+    # `--set` goes through the same KEY=VALUE syntax and typed coercion as `moma train` overrides
+    overrides = apply_overrides({}, args.set)
     if args.quantizer:
         overrides["quantizer"] = args.quantizer
-    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    cfg = ImageTrainConfig(preset=args.preset, overrides=overrides, steps=args.steps, max_minutes=args.max_minutes,
-                           **extra)
+    given = {"batch_size": args.batch_size, "lr": args.lr, "steps": args.steps, "max_minutes": args.max_minutes}
+    cfg = from_dict(ImageTrainConfig, {"preset": args.preset, "overrides": overrides,
+                                       **{k: v for k, v in given.items() if v is not None}}, "train-image")
     sources = resolve_image_inputs(args.images)
     if not sources:
         raise ValueError(f"no images found in {args.images}")
@@ -232,35 +221,17 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _shards_commands(sub: argparse._SubParsersAction) -> None:
+    from moma.pipeline.shards.build_config import BuildConfig
+
     shards = sub.add_parser("shards", help="build WebDataset shards of token documents, merge, inspect")
     ssub = shards.add_subparsers(dest="shards_cmd", required=True, metavar="COMMAND")
     p = ssub.add_parser("build", help="sources -> tokenized documents -> tars + manifest (parallel, resumable)")
     p.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
                    help="coco | folder | img2dataset | parquet | llava | obelics | mmc4 | text, then a path "
                         "(file, directory or glob); repeat for several sources")
-    p.add_argument("--text-tokenizer", required=True)
-    p.add_argument("--image-tokenizer", default=None, help="required unless every source is text")
-    p.add_argument("--text-pattern", default=None, help="pre-tokenisation pattern for a bare .tiktoken file")
-    p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=1, help="local processes running partitions")
     p.add_argument("--partition", type=int, default=None, help="run only this partition (a SLURM array task)")
-    p.add_argument("--num-partitions", type=int, default=16)
-    p.add_argument("--prefix", default="data")
-    p.add_argument("--max-docs-per-shard", type=int, default=10_000)
-    p.add_argument("--max-mb-per-shard", type=float, default=1000.0)
-    p.add_argument("--order", choices=["image-first", "text-first", "random"], default="image-first",
-                   help="caption pairs: which segment comes first (random: per document, seeded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--coco-captions", choices=["each", "all"], default="each",
-                   help="COCO: a document per caption, or one per image with all its captions")
-    p.add_argument("--coco-images", default=None, help="COCO image folder (default: found beside the JSON)")
-    p.add_argument("--image-column", default=None)
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--text-field", default="text", help="JSONL text-only sources: the text field")
-    p.add_argument("--mmc4-images", default=None)
-    p.add_argument("--max-reject-fraction", type=float, default=None,
-                   help="fail (no manifest) when more than this fraction of inputs is rejected")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
+    add_options(p, BuildConfig, skip={"sources"})
     p.set_defaults(func=_cmd_shards_build)
 
     p = ssub.add_parser("merge", help="after all partitions (e.g. a SLURM array) finished: number and index them")
@@ -278,27 +249,10 @@ def _shards_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_shards_build(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from moma.pipeline.shards.build import build
+    from moma.pipeline.shards.build_config import BuildConfig
 
-    from moma.pipeline.readers.base import ReaderOptions
-    from moma.pipeline.shards.build import BuildConfig, build
-    from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS
-
-    def absolute(p: str | None) -> str | None:
-        return str(Path(p).resolve()) if p else None
-
-    options = ReaderOptions(order=args.order, seed=args.seed, coco_captions=args.coco_captions,
-                            coco_images=absolute(args.coco_images), image_column=args.image_column,
-                            text_column=args.text_column, text_field=args.text_field,
-                            mmc4_images=absolute(args.mmc4_images))
-    if args.image_tokenizer is None and any(not s.startswith("text:") for s in args.source):
-        raise ValueError("--image-tokenizer is required: some sources hold images")
-    cfg = BuildConfig(sources=args.source, out=args.out, text_tokenizer=args.text_tokenizer,
-                      image_tokenizer=args.image_tokenizer, text_pattern=args.text_pattern, options=options,
-                      prefix=args.prefix, max_docs_per_shard=args.max_docs_per_shard,
-                      max_bytes_per_shard=int(args.max_mb_per_shard * 1e6), num_partitions=args.num_partitions,
-                      max_reject_fraction=args.max_reject_fraction,
-                      max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    cfg = options_from(args, BuildConfig, sources=args.source)
     result = build(cfg, workers=args.workers, partition=args.partition)
     if args.partition is not None:
         print(f"partition {args.partition}/{cfg.num_partitions}: {sum(s.docs for s in result.shards)} docs in "

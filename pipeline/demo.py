@@ -60,20 +60,24 @@ def _moma(*args: str) -> list[str]:
     return [sys.executable, "-m", "moma.pipeline.cli", *args]
 
 
+DEMO_CONFIG = "demo_tiny.yaml"  # jobs/configs/demo_tiny.yaml: the one definition of the demo's run
+DEMO_ROOT = "runs/demo"  # the root its paths are written against
+
+
 def demo_config(out: Path, steps: int) -> dict[str, Any]:
-    return {
-        "run_dir": str(out / "run"), "seed": 0, "max_steps": steps,
-        "data": {"sources": [{"path": str(out / "shards" / "captions"), "weight": 0.85},
-                             {"path": str(out / "shards" / "text"), "weight": 0.15}],
-                 "seq_len": 256, "num_workers": 1, "shuffle_buffer": 500},
-        "tokenizers": {"text": str(out / "tokenizers" / "text"), "image": str(out / "tokenizers" / "image")},
-        "model": {"preset": "tiny", "ffn": "moma_4t4i"},
-        "optim": {"lr": 2e-3, "weight_decay": 0.1, "grad_clip": 1.0},
-        "schedule": {"warmup_steps": 20, "decay": "linear", "min_lr_ratio": 0.01},
-        "parallel": {"ds_config": "zero2_fp32", "ep_size": 2, "micro_batch": 8, "grad_accum": 1},
-        "checkpoint": {"every": 50, "keep": 2},
-        "logging": {"every": 1},
-    }
+    """The shipped demo config with its paths moved from runs/demo to `out` and `steps` steps."""
+    tree = yaml.safe_load((importlib.resources.files("moma.configs") / DEMO_CONFIG).read_text())
+
+    def rebase(path: str) -> str:
+        rel = Path(path).relative_to(DEMO_ROOT)
+        return str(out / rel)
+
+    tree["run_dir"] = rebase(tree["run_dir"])
+    for source in tree["data"]["sources"]:
+        source["path"] = rebase(source["path"])
+    tree["tokenizers"] = {k: rebase(v) for k, v in tree["tokenizers"].items()}
+    tree["max_steps"] = steps
+    return tree
 
 
 def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, steps: int = 240,

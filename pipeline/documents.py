@@ -1,4 +1,4 @@
-"""Documents: what every corpus reader normalises its records to (DESIGN.md "Documents and shards").
+"""Documents: what every corpus reader normalises its records to (docs/design.md, "Documents").
 
 A document is an ordered list of segments, each text or image. A caption pair is [image, text] or
 [text, image]; an interleaved web page or a conversation is any sequence. Readers yield Documents

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from braceexpand import braceexpand
 from corpus_fixtures import make_tokenizers, write_folder
 
 from moma.pipeline.loader.epoch_plan import SourceShards, epoch_share
-from braceexpand import braceexpand
-
 from moma.pipeline.loader.loader import DataConfig, DataSource, PackedLoader
 from moma.pipeline.loader.shard_reader import ShardDataError
 from moma.pipeline.shards.build import BuildConfig, build

@@ -15,8 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
+from moma.tokenizers.progress import progress as progress_bar
 from moma.tokenizers.text import TextTokenizer, resolve_pattern
 from moma.tokenizers.text_corpus import CorpusStats, iter_corpus, resolve_inputs
 from moma.tokenizers.vocab import NUM_RESERVED, SPECIAL_TOKENS
@@ -58,7 +57,7 @@ def train_bpe(inputs: Sequence[str | os.PathLike[str]], vocab_size: int, out_dir
     files = resolve_inputs(inputs)
     total = sum(f.stat().st_size for f in files)
     stats = CorpusStats()
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="bpe: reading", disable=not progress)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="bpe: reading", disable=not progress)
 
     def texts() -> Iterator[str]:
         seen = 0

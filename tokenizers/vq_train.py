@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from moma.tokenizers.image_metrics import codebook_stats, image_grid
 from moma.tokenizers.image_preprocess import (
@@ -38,6 +37,7 @@ from moma.tokenizers.image_preprocess import (
     to_tensor_batch,
 )
 from moma.tokenizers.image_tokenizer import ImageTokenizer, preset_config, write_checkpoint
+from moma.tokenizers.progress import progress as progress_bar
 from moma.tokenizers.quantizers import VectorQuantizer
 from moma.tokenizers.vq_model import VQModel
 
@@ -45,7 +45,10 @@ from moma.tokenizers.vq_model import VQModel
 @dataclasses.dataclass
 class ImageTrainConfig:
     preset: str = "tiny"
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # VQConfig fields
+    # VQConfig fields, typed against VQConfig by moma.pipeline.config_parsing (`--set FIELD=VALUE`)
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict,
+                                                  metadata={"fields_of": "moma.tokenizers.vq_model:VQConfig",
+                                                            "exclude": ()})
     steps: int | None = None
     max_minutes: float | None = None
     batch_size: int = 32
@@ -111,7 +114,7 @@ def decode_training_images(sources: Sequence[ImageSource], min_side: int,
                            progress: bool = True) -> tuple[list[Image.Image], list[str]]:
     """Decode every source once, shrunk so its shorter side is `min_side`; bad ones are reported."""
     images, rejected = [], []
-    for src in tqdm(sources, desc="decoding images", disable=not progress):
+    for src in progress_bar(sources, desc="decoding images", disable=not progress):
         try:
             img = decode_rgb(src, min_side)
         except ImageError as e:
@@ -204,7 +207,7 @@ def train_image_tokenizer(sources: Sequence[ImageSource], out_dir: str | os.Path
     out.mkdir(parents=True, exist_ok=True)
     metrics = open(out / "metrics.jsonl", "a") if env.main else None
     start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="vq train", disable=not (progress and env.main))
+    bar = progress_bar(total=cfg.steps, initial=step, desc="vq train", disable=not (progress and env.main))
     window_codes: list[torch.Tensor] = []
     last_log, restarted = time.perf_counter(), 0
 

@@ -21,17 +21,25 @@ from moma.pipeline.documents import Record
 JSON_CHUNK = 4096  # records of a JSON list per unit
 
 
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass(frozen=True)
 class ReaderOptions:
-    order: str = "image-first"  # caption pairs: image-first | text-first | random
-    seed: int = 0
-    coco_captions: str = "each"  # each: a document per caption; all: one per image, all its captions
-    coco_images: str | None = None  # image folder for COCO (default: found beside the JSON)
-    image_column: str | None = None  # parquet: the image bytes column (default: first of IMAGE_COLUMNS found)
-    text_column: str | None = None  # parquet: the caption column (default: first of TEXT_COLUMNS found)
-    text_field: str = "text"  # JSONL text-only sources
-    mmc4_images: str | None = None  # MMC4 image folder (default: beside each JSONL)
-    units_per_file: int = 0  # text files: 0 = one document per file
+    """How readers turn records into documents (`moma shards build` options, generated from here)."""
+
+    order: str = _opt("image-first", "caption pairs: which segment comes first (random: per document, seeded)",
+                      choices=("image-first", "text-first", "random"))
+    seed: int = _opt(0, "seed of the per-document random order")
+    coco_captions: str = _opt("each", "COCO: a document per caption, or one per image with all its captions",
+                              choices=("each", "all"))
+    coco_images: str | None = _opt(None, "COCO image folder (default: found beside the JSON)", path=True)
+    image_column: str | None = _opt(None, "parquet: the image bytes column (default: first of jpg, image, ...)")
+    text_column: str | None = _opt(None, "parquet: the caption column (default: first of caption, txt, text)")
+    text_field: str = _opt("text", "JSONL text-only sources: the text field")
+    mmc4_images: str | None = _opt(None, "MMC4 image folder (default: beside each JSONL)", path=True)
+    units_per_file: int = _opt(0, "text files: 0 = one document per file", cli=False)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

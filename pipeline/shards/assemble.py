@@ -1,4 +1,4 @@
-"""Documents -> token arrays, a batch at a time (DESIGN.md vocabulary contract).
+"""Documents -> token arrays, a batch at a time (docs/design.md, "Vocabulary").
 
     <|bos|> segment segment ... <|eos|>     text segment: its BPE ids
                                             image segment: <|boi|> codes + image_offset (raster) <|eoi|>

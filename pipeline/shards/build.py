@@ -29,19 +29,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from moma.pipeline.documents import Document, Reject, document_key
 from moma.pipeline.errors import MomaError
-from moma.pipeline.readers.base import ReaderOptions, make_reader
+from moma.pipeline.readers.base import make_reader
 from moma.pipeline.shards.assemble import DocumentTokenizer, Tokenizers
+from moma.pipeline.shards.build_config import STAGING, BuildConfig
 from moma.pipeline.shards.manifest import MANIFEST, REJECTS, Manifest
 from moma.pipeline.shards.writer import ShardInfo, ShardWriter
 from moma.tokenizers.fileio import atomic_write, write_json_atomic
-from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS
+from moma.tokenizers.progress import progress as progress_bar
 from moma.tokenizers.vocab import Vocab
 
-STAGING = ".staging"
 DONE = "done.json"
 
 
@@ -49,32 +47,6 @@ class BuildError(MomaError):
     """The build ran but must not be used (too many rejects, conflicting settings ...)."""
 
 
-@dataclasses.dataclass
-class BuildConfig:
-    sources: list[str]
-    out: str
-    text_tokenizer: str
-    image_tokenizer: str | None = None
-    text_pattern: str | None = None
-    options: ReaderOptions = dataclasses.field(default_factory=ReaderOptions)
-    prefix: str = "data"
-    max_docs_per_shard: int = 10_000
-    max_bytes_per_shard: int = 1_000_000_000
-    num_partitions: int = 16  # fixed default: the output must not depend on --workers
-    doc_batch: int = 256
-    max_reject_fraction: float | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def settings(self) -> dict[str, Any]:
-        """Everything that decides the bytes of the output (recorded in the manifest)."""
-        return {"sources": self.sources, "options": self.options.to_json(), "prefix": self.prefix,
-                "max_docs_per_shard": self.max_docs_per_shard, "max_bytes_per_shard": self.max_bytes_per_shard,
-                "num_partitions": self.num_partitions, "max_pixels": self.max_pixels,
-                "tokenizer_paths": {"text": self.text_tokenizer, "image": self.image_tokenizer}}
-
-    @property
-    def staging(self) -> Path:
-        return Path(self.out) / STAGING
 
 
 @dataclasses.dataclass
@@ -153,7 +125,7 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
     inputs = 0
     seen: set[str] = set()
     batch: list[Document] = []
-    bar = tqdm(desc=f"partition {index}", unit="doc", disable=not progress)
+    bar = progress_bar(desc=f"partition {index}", unit="doc", disable=not progress)
 
     def flush() -> None:
         for item in encode(batch):
@@ -216,7 +188,7 @@ def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None,
     pending = [i for i in range(cfg.num_partitions) if not (cfg.staging / f"part-{i:05d}" / DONE).exists()]
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     start = time.perf_counter()
-    bar = tqdm(total=cfg.num_partitions, initial=cfg.num_partitions - len(pending), desc="partitions",
+    bar = progress_bar(total=cfg.num_partitions, initial=cfg.num_partitions - len(pending), desc="partitions",
                disable=not progress)
     if workers <= 1:
         for i in pending:

@@ -78,6 +78,7 @@ class LoggingConfig:
     every: int = 1
     tensorboard: bool = False
     peak_flops: float | None = None  # per device, for MFU (e.g. 989e12 for H100 bf16 dense)
+    progress_seconds: float = 10.0  # a plain progress line this often when stderr is not a terminal
 
 
 @dataclasses.dataclass

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from moma.pipeline.loader.loader import PackedLoader
 from moma.pipeline.training.checkpoint import (
@@ -48,6 +47,8 @@ from moma.pipeline.training.engine import (
 from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
 from moma.pipeline.training.run_plan import RunPlan, plan_run
 from moma.tokenizers.fileio import write_json_atomic
+from moma.tokenizers.progress import progress as progress_bar
+from moma.tokenizers.progress import write as write_progress
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
 
@@ -189,7 +190,8 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
     writer = MetricsWriter(Path(cfg.run_dir), cfg.logging.tensorboard) if info.is_main else None
     stop = _Stop()
     acc = plan.accounting
-    bar = tqdm(total=end, initial=progress.step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    bar = progress_bar(total=end, initial=progress.step, desc="train", disable=not info.is_main,
+                       every_s=cfg.logging.progress_seconds)
     batches = iter(loader)
     in_a_row, code = 0, EXIT_OK
     injected = Counter(cfg.debug_nonfinite_at)
@@ -210,7 +212,7 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
                 progress.nonfinite_skipped += 1
                 in_a_row += 1
                 if info.is_main:
-                    tqdm.write(f"step {progress.step + 1}: non-finite loss, micro-batch skipped "
+                    write_progress(f"step {progress.step + 1}: non-finite loss, micro-batch skipped "
                                f"({in_a_row} in a row, {progress.nonfinite_skipped} in all)")
                 if in_a_row > cfg.max_nonfinite_in_a_row:
                     code = EXIT_NONFINITE
@@ -259,13 +261,13 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
             _save(cfg, plan, engine, loader, progress, ep_rank, info.rank)
         if preempted:
             if info.is_main:
-                tqdm.write(f"preemption signal: checkpointed at step {progress.step}, exiting 0 (resume with "
+                write_progress(f"preemption signal: checkpointed at step {progress.step}, exiting 0 (resume with "
                            f"--resume auto)")
             break
     if code == EXIT_NONFINITE:
         _save(cfg, plan, engine, loader, progress, ep_rank, info.rank)
         if info.is_main:
-            tqdm.write(f"stopping: more than {cfg.max_nonfinite_in_a_row} non-finite losses in a row at step "
+            write_progress(f"stopping: more than {cfg.max_nonfinite_in_a_row} non-finite losses in a row at step "
                        f"{progress.step + 1}; checkpointed step {progress.step} (lower the learning rate or inspect "
                        f"the data, then --resume auto)")
     bar.close()

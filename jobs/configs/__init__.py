@@ -1,0 +1,1 @@
+"""The shipped run configs (`jobs/configs/*.yaml`), importable as package data."""

@@ -1,0 +1,61 @@
+"""The settings of one shard build (light to import: `moma shards build --help` builds its options
+from these fields).
+
+    cfg = BuildConfig(sources=["coco:captions.json"], out="shards/", text_tokenizer="tok/text",
+                      image_tokenizer="tok/vq")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from moma.pipeline.readers.base import ReaderOptions
+from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS
+
+STAGING = ".staging"
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """One shard build; `moma shards build`'s options are generated from these fields (cli_options.py)."""
+
+    sources: list[str]
+    out: str = _opt(None, "output directory", required=True)
+    text_tokenizer: str = _opt(None, "moma tokenizer dir or .tiktoken file", required=True)
+    image_tokenizer: str | None = _opt(None, "required unless every source is text")
+    text_pattern: str | None = _opt(None, "pre-tokenisation pattern for a bare .tiktoken file")
+    options: ReaderOptions = dataclasses.field(default_factory=ReaderOptions)
+    prefix: str = _opt("data", "shard names: PREFIX-000000.tar, ...")
+    max_docs_per_shard: int = _opt(10_000, "documents per shard at most")
+    max_mb_per_shard: float = _opt(1000.0, "megabytes per shard at most")
+    # fixed default: the output must not depend on --workers
+    num_partitions: int = _opt(16, "units of parallel work (a SLURM array task runs one)")
+    doc_batch: int = _opt(256, "documents tokenized together", cli=False)
+    max_reject_fraction: float | None = _opt(None, "fail (no manifest) when more than this fraction of inputs is "
+                                                   "rejected")
+    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "refuse larger images (decompression bombs)")
+
+    def __post_init__(self) -> None:
+        if self.image_tokenizer is None and any(not s.startswith("text:") for s in self.sources):
+            raise ValueError("--image-tokenizer is required: some sources hold images")
+
+    @property
+    def max_bytes_per_shard(self) -> int:
+        return int(self.max_mb_per_shard * 1e6)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the bytes of the output (recorded in the manifest)."""
+        return {"sources": self.sources, "options": self.options.to_json(), "prefix": self.prefix,
+                "max_docs_per_shard": self.max_docs_per_shard, "max_bytes_per_shard": self.max_bytes_per_shard,
+                "num_partitions": self.num_partitions, "max_pixels": self.max_pixels,
+                "tokenizer_paths": {"text": self.text_tokenizer, "image": self.image_tokenizer}}
+
+    @property
+    def staging(self) -> Path:
+        return Path(self.out) / STAGING
