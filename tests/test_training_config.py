@@ -4,6 +4,7 @@ learning-rate schedule, and every config error caught before any process group e
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from training_fixtures import make_training_data, run_config, write_config
 
 from moma.pipeline.cli import main as cli_main
 from moma.pipeline.training.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config
+from moma.pipeline.model.config import preset
 from moma.pipeline.training.ds_config import build_ds_config, preset_names
 from moma.pipeline.training.run_plan import plan_run
 from moma.pipeline.training.train import lr_lambda
@@ -36,21 +38,52 @@ def test_every_deepspeed_preset_fills_and_parses() -> None:
         assert parsed.train_batch_size == 6 and parsed.zero_optimization_stage in (1, 2), name
 
 
-def test_every_shipped_run_config_parses_and_plans_its_model() -> None:
-    from moma.pipeline.training.run_plan import model_config
-    from moma.tokenizers.vocab import TokenizerIdentity, Vocab
+@pytest.fixture(scope="module")
+def wide(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 short documents: enough for every stream of the largest shipped layout (64 ranks x 4 workers)."""
+    from moma.pipeline.shards.build import BuildConfig, build
 
-    vocab = Vocab(text=TokenizerIdentity("tiktoken", "t", "0" * 64, 2032),
-                  image=TokenizerIdentity("vq", "i", "1" * 64, 1024))
+    d = tmp_path_factory.mktemp("wide")
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i} of the wide set"}) + "\n"
+                                          for i in range(300)))
+    build(BuildConfig(sources=[f"text:{d / 'docs.jsonl'}"], out=str(d / "shards"), text_tokenizer=str(data["text"]),
+                      image_tokenizer=str(data["image"]), num_partitions=1), progress=False)
+    return d / "shards"
+
+
+def shipped_configs() -> list[Path]:
     configs = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        cfg = load_config(str(path))
-        model = model_config(cfg, vocab)
-        ds = build_ds_config(cfg, world_size=cfg.parallel.ep_size * 2)
-        from moma.pipeline.training.expert_layout import check_parallel_layout
+    assert len(configs) >= 4
+    return configs
 
-        check_parallel_layout(model, cfg.parallel.ep_size, cfg.parallel.ep_size * 2, ds["zero_optimization"]["stage"])
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+def test_every_shipped_run_config_parses_and_plans(path: Path, data: dict[str, Path], wide: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every key of a shipped config is known and typed (load_config), and the whole run plans
+    (`moma train --dry-run`) for each world size the config names, with our small shards and
+    tokenizers standing in for its paths and every other setting as shipped."""
+    text = path.read_text()
+    match = re.search(r"^# plans for world sizes: ([\d, ]+)$", text, re.M)
+    assert match, f"{path.name} does not say which world sizes it is planned for"
+    worlds = [int(w) for w in match.group(1).split(",")]
+    cfg = load_config(str(path))  # as shipped: parses and types
+    sources = [f"{{path: {wide}, weight: {s.weight}}}" for s in cfg.data.sources]
+    local = [f"run_dir={tmp_path / 'run'}", f"data.sources=[{', '.join(sources)}]",
+             f"tokenizers.text={data['text']}", f"tokenizers.image={data['image']}"]
+    for world in worlds:
+        plan = plan_run(load_config(str(path), local), world)
+        assert plan.ds_config["train_batch_size"] == cfg.parallel.micro_batch * cfg.parallel.grad_accum * world
+        assert plan.model.ffn == cfg.model.ffn and plan.model.n_layers == preset(cfg.model.preset).n_layers
+        assert cli_main(["train", str(path), *local, "--dry-run", "--world-size", str(world)]) == 0
+        assert f"x world size {world} =" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_deepspeed_preset_plans_a_run(name: str, data: dict[str, Path], tmp_path: Path) -> None:
+    plan = plan_run(from_dict(TrainConfig, run_config(data, tmp_path / "run", parallel__ds_config=name)), 2)
+    assert plan.ds_config["zero_optimization"]["stage"] in (1, 2) and plan.ds_config["train_batch_size"] == 4
 
 
 def test_overrides_are_typed() -> None:
@@ -64,6 +97,31 @@ def test_overrides_are_typed() -> None:
         load_config(None, ["parallel.ep_size=two"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["lr"])
+
+
+def test_model_overrides_are_typed_against_the_model_config() -> None:
+    # YAML 1.1 reads 1e-5 as the string '1e-5': it must arrive as a float, not fail after launch
+    cfg = load_config(None, ["model.overrides.z_loss_weight=1e-5", "model.overrides.qk_norm=false"])
+    assert cfg.model.overrides == {"z_loss_weight": 1e-5, "qk_norm": False}
+    assert isinstance(cfg.model.overrides["z_loss_weight"], float)
+    with pytest.raises(ConfigError, match="model.overrides.d_model: expected an integer, got 'wide'"):
+        load_config(None, ["model.overrides.d_model=wide"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.overrides.n_layer'"):
+        load_config(None, ["model.overrides.n_layer=3"])
+    with pytest.raises(ConfigError, match="model.overrides.vocab_size: not settable here"):
+        load_config(None, ["model.overrides.vocab_size=100"])
+    with pytest.raises(ConfigError, match="data.sources\\[0\\].weight: expected a number"):
+        load_config(None, ["data.sources=[{path: x, weight: heavy}]"])
+
+
+def test_cli_option_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """train-image's --set goes through the same typed parser as the run config."""
+    assert cli_main(["tokenizer", "train-image", "--images", str(tmp_path), "--steps", "1", "--set", "ch=wide",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "train-image.overrides.ch: expected an integer, got 'wide'" in capsys.readouterr().err
+    assert cli_main(["tokenizer", "train-image", "--images", str(tmp_path), "--steps", "1", "--set", "chan=3",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "unknown config key 'train-image.overrides.chan'" in capsys.readouterr().err
 
 
 def test_learning_rate_schedule() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from dist_fixtures import run_distributed_test
 from launch_fixtures import REPO, VENV_BIN, cpu_env, free_port, run_deepspeed, run_single
 from training_fixtures import make_training_data, run_config, write_config
 
@@ -29,6 +30,42 @@ from moma.pipeline.training.metrics import read_metrics
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 N = 4
 TRAIN = ["--module", "moma.pipeline.cli", "train"]
+
+
+def fixed_batches(vocab_size: int, image_offset: int, n: int, seq: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(99)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, image_offset, (2, seq), generator=g)
+        ids[:, 4 + i:20 + i] = torch.randint(image_offset, vocab_size, (2, 16), generator=g)
+        out.append(ids)
+    return out
+
+
+def probe_checkpoint(config: Path, checkpoint: Path, overrides: list[str] = (), logits: bool = False,
+                     universal: Path | None = None) -> dict[str, torch.Tensor] | None:
+    """On every rank: load a `moma train` checkpoint into a freshly built engine (any layout), then
+    return the engine's logits on fixed batches, and/or write the universal copy of what was loaded."""
+    from moma.pipeline.training.checkpoint import find_checkpoint, save_universal
+    from moma.pipeline.training.config import load_config
+    from moma.pipeline.training.train import resume_from, setup_engine
+
+    cfg = load_config(str(config), list(overrides))
+    plan, info, engine, ep_rank = setup_engine(cfg)
+    resume_from(engine, plan, find_checkpoint(str(checkpoint), cfg.checkpoint_dir), ep_rank, info.rank)
+    if universal is not None:
+        from deepspeed.utils import groups
+
+        from moma.pipeline.training.engine import expert_group_name
+
+        edp = groups._get_expert_data_parallel_rank(expert_group_name(cfg.parallel.ep_size))
+        save_universal(engine, Path(universal), ep_rank, edp)
+    if not logits:
+        return None
+    engine.eval()
+    batches = fixed_batches(plan.model.vocab_size, plan.model.image_offset, plan.world_size, cfg.data.seq_len)
+    with torch.no_grad():
+        return {"ids": batches[info.rank], "logits": engine(batches[info.rank]).logits}
 
 
 def launch_cmd(config: Path, *extra: str) -> list[str]:
@@ -79,8 +116,8 @@ def test_resume_on_another_layout_restores_everything(uninterrupted: Path, data:
     ckpt = uninterrupted / "run" / "checkpoints"
     one_rank = ["parallel.ep_size=1", "parallel.grad_accum=2"]
     # load the 2-rank / ep-2 checkpoint into a 1-rank / ep-1 engine and write back what it holds
-    run_single(["tests/dist/checkpoint_probe.py", "--config", str(uninterrupted / "run.yaml"), "--checkpoint",
-                str(ckpt), "--universal", str(tmp_path / "reloaded"), *one_rank])
+    run_distributed_test(probe_checkpoint, world_size=1, func_args=(uninterrupted / "run.yaml", ckpt, one_rank),
+                         func_kwargs={"universal": tmp_path / "reloaded"})
     saved = _merged(ckpt / f"global_step{2 * N}" / "universal")
     reloaded = _merged(tmp_path / "reloaded" / "universal")
     assert saved.keys() == reloaded.keys() and len(saved) > 10
@@ -110,13 +147,12 @@ def _merged(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def test_export_reloads_to_the_engines_logits(uninterrupted: Path, tmp_path: Path) -> None:
     ckpt = uninterrupted / "run" / "checkpoints"
-    run_deepspeed(["tests/dist/checkpoint_probe.py", "--config", str(uninterrupted / "run.yaml"), "--checkpoint",
-                   str(ckpt), "--logits", str(tmp_path / "logits")])
+    records = run_distributed_test(probe_checkpoint, world_size=2, func_args=(uninterrupted / "run.yaml", ckpt),
+                                   func_kwargs={"logits": True})
     out = export_checkpoint(ckpt, tmp_path / "export")
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "vocab.json"}
     model = load_exported(out)
-    for rank in (0, 1):
-        rec = torch.load(tmp_path / "logits" / f"rank{rank}.pt", weights_only=True)
+    for rec in records:
         with torch.no_grad():
             mine = model(rec["ids"]).logits
         assert torch.allclose(mine, rec["logits"], atol=1e-5), float((mine - rec["logits"]).abs().max())

@@ -125,8 +125,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "435m": dict(n_layers=24, d_model=1024, ffn_hidden=4096, n_heads=16, max_seq_len=4096),
     "1.4b": dict(n_layers=24, d_model=2048, ffn_hidden=8192, n_heads=16, max_seq_len=4096),
 }
-# Default vocabularies for `model info` when no tokenizers are given: the demo's for tiny,
-# Chameleon's 65,536 (of which 8,192 image codes) for the paper's sizes.
+# Default vocabularies (text ranks + 16 controls, image codes) for `model info` when no tokenizers
+# are given: a CPU-sized 4,096 + 1,024 for tiny (the demo's own tokenizers give 2,048 + 1,024 and
+# training always takes the vocabulary from the tokenizers); Chameleon's 65,536 (of which 8,192
+# image codes) for the paper's sizes.
 DEFAULT_VOCAB = {"tiny": (4096, 1024), "90m": (57344, 8192), "435m": (57344, 8192), "1.4b": (57344, 8192)}
 FFN_VARIANTS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i")
 

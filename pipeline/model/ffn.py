@@ -7,8 +7,8 @@ moma_NtMi  one DeepSpeed MoE layer per modality group; a group sees only its mod
 
 The MoE layers are DeepSpeed's own (``deepspeed.moe.layer.MoE``: its Experts container, its
 MOELayer dispatch and all-to-all, its per-expert checkpoint files) with our router swapped in as
-the gate. `ep_size` only decides how many experts each rank holds; DeepSpeed creates the process
-groups when the engine is initialised.
+the gate. `ep_size` only decides how many experts each rank holds; DeepSpeed's process groups are
+created in training/engine.py and global expert names live in training/expert_layout.py.
 """
 
 from __future__ import annotations
