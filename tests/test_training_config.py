@@ -11,8 +11,8 @@ import pytest
 from training_fixtures import make_training_data, run_config, write_config
 
 from moma.pipeline.cli import main as cli_main
-from moma.pipeline.training.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config
 from moma.pipeline.model.config import preset
+from moma.pipeline.training.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config
 from moma.pipeline.training.ds_config import build_ds_config, preset_names
 from moma.pipeline.training.run_plan import plan_run
 from moma.pipeline.training.train import lr_lambda
