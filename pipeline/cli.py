@@ -231,6 +231,9 @@ def _shards_commands(sub: argparse._SubParsersAction) -> None:
                         "(file, directory or glob); repeat for several sources")
     p.add_argument("--workers", type=int, default=1, help="local processes running partitions")
     p.add_argument("--partition", type=int, default=None, help="run only this partition (a SLURM array task)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or staged build with other settings in --out (default: refuse, naming "
+                        "the differences)")
     add_options(p, BuildConfig, skip={"sources"})
     p.set_defaults(func=_cmd_shards_build)
 
@@ -253,7 +256,7 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
     from moma.pipeline.shards.build_config import BuildConfig
 
     cfg = options_from(args, BuildConfig, sources=args.source)
-    result = build(cfg, workers=args.workers, partition=args.partition)
+    result = build(cfg, workers=args.workers, partition=args.partition, overwrite=args.overwrite)
     if args.partition is not None:
         print(f"partition {args.partition}/{cfg.num_partitions}: {sum(s.docs for s in result.shards)} docs in "
               f"{len(result.shards)} shards, rejects {result.rejects}")

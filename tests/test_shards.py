@@ -68,7 +68,8 @@ def test_coco_reader_each_and_all(tmp_path: Path) -> None:
     docs = [r for r in each if isinstance(r, Document)]
     assert len(docs) == 6 and {kinds(d) for d in docs} == {"IT"}
     assert [r.reason for r in each if isinstance(r, Reject)] == ["missing_image", "missing_image"]
-    assert docs[0].record_id == "1/0" and texts_of(docs[1]) == [f"{CAPTIONS[0]} (1)"]
+    # ids are relative to the source root (two caption files of one source never collide)
+    assert docs[0].record_id == "captions_val2017.json:1/0" and texts_of(docs[1]) == [f"{CAPTIONS[0]} (1)"]
     grouped = [r for r in read_all(f"coco:{path}", coco_captions="all") if isinstance(r, Document)]
     assert len(grouped) == 3 and texts_of(grouped[0]) == [f"{CAPTIONS[0]} (0)\n{CAPTIONS[0]} (1)"]
     text_first = [r for r in read_all(f"coco:{path}", order="text-first") if isinstance(r, Document)]

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from moma.pipeline.documents import Record
 
@@ -40,13 +40,20 @@ class ReaderOptions:
     text_field: str = _opt("text", "JSONL text-only sources: the text field")
     mmc4_images: str | None = _opt(None, "MMC4 image folder (default: beside each JSONL)", path=True)
     units_per_file: int = _opt(0, "text files: 0 = one document per file", cli=False)
+    max_record_bytes: int = _opt(64 << 20, "a text file, .gz member, JSONL line or tar member larger than this is "
+                                           "rejected as too_large without being read whole")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 class Reader:
-    """Base class: `kind`, the source `spec` as given, its index among the build's sources."""
+    """Base class: `kind`, the source `spec` as given, its index among the build's sources.
+
+    Record ids are relative to the source's root (`rel`): `a/part.txt` and `b/part.txt` of one
+    source are two records, and an id does not change when other files are added. Together with
+    the source's position (documents.document_key) that makes keys unique and stable, so what is
+    written does not depend on how the units fall into partitions."""
 
     kind = ""
 
@@ -55,12 +62,80 @@ class Reader:
         self.options = options
         self.source_index = source_index
         self.name = f"{self.kind}:{path}"
+        self.root = source_root(path)
+
+    def rel(self, path: str | Path) -> str:
+        """A file's id within this source: its path relative to the source root."""
+        try:
+            return Path(path).resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return Path(path).name
+
+    def unit_id(self, unit: Any) -> str:
+        """A unit's name in a reject (a file, file#row-group, first..last file of a batch)."""
+        if isinstance(unit, (str, Path)):
+            return self.rel(unit)
+        if isinstance(unit, (tuple, list)) and unit and all(isinstance(u, str) for u in unit) and \
+                not Path(unit[0]).is_absolute():
+            return unit[0] if len(unit) == 1 else f"{unit[0]}..{unit[-1]}"
+        if isinstance(unit, tuple) and unit and isinstance(unit[0], str):
+            rest = [str(u) for u in unit[1:] if u is not None and u != -1]
+            return self.rel(unit[0]) + (f"#{':'.join(rest)}" if rest else "")
+        return str(unit)
 
     def units(self) -> list[Any]:
         raise NotImplementedError
 
     def read(self, unit: Any) -> Iterator[Record]:
         raise NotImplementedError
+
+
+def source_root(spec: str) -> Path:
+    """The folder record ids are relative to: the directory given, a file's folder, or a glob's
+    longest non-wildcard prefix."""
+    path = Path(spec)
+    if path.is_dir():
+        return path.resolve()
+    if glob.has_magic(spec):
+        parts = []
+        for part in path.parts:
+            if glob.has_magic(part):
+                break
+            parts.append(part)
+        return Path(*parts).resolve() if parts else Path.cwd()
+    return path.resolve().parent
+
+
+class TooLarge(Exception):
+    """A record over ReaderOptions.max_record_bytes (read no further than the limit)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes (ReaderOptions.max_record_bytes / --max-record-bytes)")
+
+
+def read_limited(f: BinaryIO, limit: int) -> bytes:
+    """All of `f`, or TooLarge after reading limit + 1 bytes (a gzip bomb is never inflated)."""
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(limit)
+    return data
+
+
+def lines_limited(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a file, or (line number, None) for a line over `limit` bytes, whose
+    rest is skipped in pieces, never held."""
+    lineno = 0
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(1 << 20)
+            yield lineno, None
+            continue
+        yield lineno, line
 
 
 def expand_paths(spec: str, suffixes: Sequence[str], what: str) -> list[Path]:

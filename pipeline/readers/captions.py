@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from moma.pipeline.documents import Document, ImageSegment, Record, Reject, caption_pair, clean_caption
-from moma.pipeline.readers.base import Reader, cached_json, chunked_units, expand_paths, register
-from moma.pipeline.shards.tar_reader import TarFormatError, tar_samples
+from moma.pipeline.readers.base import Reader, TooLarge, cached_json, chunked_units, expand_paths, register
+from moma.pipeline.shards.tar_reader import TOO_LARGE, TarFormatError, tar_samples
 from moma.tokenizers.image_preprocess import IMAGE_SUFFIXES
 
 IMAGE_MEMBER_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -57,20 +57,25 @@ class CocoReader(Reader):
 
     def read(self, unit: tuple[str, int, int]) -> Iterator[Record]:
         path, start, end = Path(unit[0]), unit[1], unit[2]
-        captions, images_by_id = _index(str(path), os.path.getmtime(path))
+        captions, images_by_id, orphans = _index(str(path), os.path.getmtime(path))
         folder = self.image_dir(path)
+        rel = self.rel(path)  # several caption files in one source (train + val) keep their ids apart
         images = images_by_id[start:end]
+        if start == 0:  # annotations of an image id the file does not list: counted once, by the first unit
+            for image_id, i in orphans:
+                yield Reject(self.name, f"{rel}:{image_id}/{i}", "missing_image_entry",
+                             f"annotation of image_id {image_id}, which {path.name} does not list in 'images'")
         for im in images:
             caps = captions.get(im["id"], [])
-            ids = [f"{im['id']}/{i}" for i in range(len(caps))] if self.options.coco_captions == "each" else \
-                [str(im["id"])]
+            ids = [f"{rel}:{im['id']}/{i}" for i in range(len(caps))] if self.options.coco_captions == "each" else \
+                [f"{rel}:{im['id']}"]
             file = folder / im["file_name"]
             if not file.is_file():
-                for rid in ids or [str(im["id"])]:
+                for rid in ids or [f"{rel}:{im['id']}"]:
                     yield Reject(self.name, rid, "missing_image", str(file))
                 continue
             if not caps:
-                yield Reject(self.name, str(im["id"]), "missing_text", "no caption annotation for this image")
+                yield Reject(self.name, f"{rel}:{im['id']}", "missing_text", "no caption annotation for this image")
                 continue
             image = ImageSegment(str(file), str(file))
             if self.options.coco_captions == "each":
@@ -84,13 +89,17 @@ class CocoReader(Reader):
 
 
 @functools.lru_cache(maxsize=4)
-def _index(path: str, mtime: float) -> tuple[dict[int, list[str]], list[dict[str, Any]]]:
-    """Captions per image id (in annotation id order) and the images sorted by id, once per file."""
+def _index(path: str, mtime: float) -> tuple[dict[int, list[str]], list[dict[str, Any]], list[tuple[Any, int]]]:
+    """Captions per image id (in annotation id order), the images sorted by id, and the
+    annotations whose image id has no image entry ((image id, caption index) each), once per file."""
     data = cached_json(Path(path))
     captions: dict[int, list[str]] = defaultdict(list)
     for ann in sorted(data["annotations"], key=lambda a: a.get("id", 0)):
-        captions[ann["image_id"]].append(ann.get("caption"))
-    return dict(captions), sorted(data["images"], key=lambda im: im["id"])
+        captions[ann.get("image_id")].append(ann.get("caption"))
+    listed = {im["id"] for im in data["images"]}
+    orphans = [(image_id, i) for image_id, caps in captions.items() if image_id not in listed
+               for i in range(len(caps))]
+    return dict(captions), sorted(data["images"], key=lambda im: im["id"]), orphans
 
 
 @register("folder")
@@ -140,13 +149,17 @@ class Img2DatasetReader(Reader):
         path = Path(unit)
         try:
             with open(path, "rb") as f:  # the shards' own tar reader: members streamed, one sample at a time
-                for key, group in tar_samples(f):
+                for key, group in tar_samples(f, max_bytes=self.options.max_record_bytes):
+                    if any(data is TOO_LARGE for data in group.values()):
+                        yield Reject(self.name, f"{self.rel(path)}/{key}", "too_large",
+                                     str(TooLarge(self.options.max_record_bytes)))
+                        continue
                     yield self._sample(path, key, {ext.lower(): data or b"" for ext, data in group.items()})
         except (TarFormatError, OSError) as e:
-            yield Reject(self.name, f"{path.name}/<rest>", "truncated_tar", f"{path}: {e}")
+            yield Reject(self.name, f"{self.rel(path)}/<rest>", "truncated_tar", f"{path}: {e}")
 
     def _sample(self, path: Path, key: str, group: dict[str, bytes]) -> Record:
-        rid = f"{path.name}/{key}"
+        rid = f"{self.rel(path)}/{key}"
         image = next((group[e] for e in IMAGE_MEMBER_SUFFIXES if e in group), None)
         if image is None:
             return Reject(self.name, rid, "missing_image", f"members: {sorted(group)}")
@@ -190,7 +203,11 @@ class ParquetReader(Reader):
 
         units = []
         for path in expand_paths(self.path, (".parquet", ".arrow", ".pq"), "parquet"):
-            pf = pq.ParquetFile(path)
+            try:
+                pf = pq.ParquetFile(path)
+            except (OSError, ValueError):  # an unreadable footer: one unit, rejected (with the reason) when read
+                units.append((str(path), -1))
+                continue
             self._columns(pf.schema_arrow.names, path)  # fail early on a column mistake
             units += [(str(path), rg) for rg in range(pf.num_row_groups)]
         return units
@@ -205,7 +222,7 @@ class ParquetReader(Reader):
         images, texts = table.column(image_col).to_pylist(), table.column(text_col).to_pylist()
         keys = table.column(key_col).to_pylist() if key_col else [None] * len(images)
         for row, (img, raw, key) in enumerate(zip(images, texts, keys)):
-            rid = f"{path.name}#{rg}:{row}" + (f":{key}" if key is not None else "")
+            rid = f"{self.rel(path)}#{rg}:{row}" + (f":{key}" if key is not None else "")
             if isinstance(img, dict):
                 img = img.get("bytes")
             if not img:

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from moma.pipeline.documents import Document, ImageSegment, Record, Reject, Segment, TextSegment
-from moma.pipeline.readers.base import Reader, cached_json, chunked_units, expand_paths, register, resolve_image_path
+from moma.pipeline.readers.base import (
+    Reader,
+    TooLarge,
+    cached_json,
+    chunked_units,
+    expand_paths,
+    lines_limited,
+    register,
+    resolve_image_path,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "USER", "user": "USER", "gpt": "ASSISTANT", "assistant": "ASSISTANT", "system": "SYSTEM"}
@@ -59,14 +68,19 @@ def _json_records(path: Path) -> list[Any] | None:
 
 
 def _iter_jsonl(reader: Reader, path: Path) -> Iterator[tuple[str, Any] | Reject]:
+    rel, limit = reader.rel(path), reader.options.max_record_bytes
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in lines_limited(f, limit):
+            rid = f"{rel}:{lineno}"
+            if raw is None:
+                yield Reject(reader.name, rid, "too_large", str(TooLarge(limit)))
+                continue
             if not raw.strip():
                 continue
             try:
-                yield f"{path.name}:{lineno}", json.loads(raw)
+                yield rid, json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield Reject(reader.name, f"{path.name}:{lineno}", "bad_json", str(e))
+                yield Reject(reader.name, rid, "bad_json", str(e))
 
 
 class _RecordFileReader(Reader):
@@ -88,7 +102,7 @@ class _RecordFileReader(Reader):
             yield from _iter_jsonl(self, path)
             return
         for i in range(start, end):
-            yield f"{path.name}:{i}", records[i]
+            yield f"{self.rel(path)}:{i}", records[i]
 
     def read(self, unit: tuple[str, int, int]) -> Iterator[Record]:
         base = Path(unit[0]).parent
@@ -115,7 +129,8 @@ class LlavaReader(_RecordFileReader):
     start if the record has an image but no placeholder)."""
 
     def document(self, rid: str, record: Any, base: Path) -> Record:
-        rid = str(record.get("id", rid))
+        if record.get("id") is not None:  # position (unique) + the dataset's own id (for people)
+            rid = f"{rid}:{record['id']}"
         image = _image(record["image"], base, rid) if record.get("image") else None
         segments: list[Segment] = []
         placed = False
@@ -147,7 +162,11 @@ class ObelicsReader(_RecordFileReader):
         units: list[Any] = []
         for path in expand_paths(self.path, self.suffixes, "obelics"):
             if path.suffix == ".parquet":
-                units += [(str(path), rg, -2) for rg in range(pq.ParquetFile(path).num_row_groups)]
+                try:
+                    groups = range(pq.ParquetFile(path).num_row_groups)
+                except (OSError, ValueError):  # unreadable footer: one unit, rejected when it is read
+                    groups = range(-1, 0)
+                units += [(str(path), rg, -2) for rg in groups]
             else:
                 records = _json_records(path)
                 units += chunked_units(path, len(records)) if records is not None else [(str(path), 0, -1)]
@@ -162,7 +181,7 @@ class ObelicsReader(_RecordFileReader):
         path, rg = Path(unit[0]), unit[1]
         table = pq.ParquetFile(path).read_row_group(rg, columns=["texts", "images"])
         for row, record in enumerate(table.to_pylist()):
-            yield f"{path.name}#{rg}:{row}", record
+            yield f"{self.rel(path)}#{rg}:{row}", record
 
     def document(self, rid: str, record: Any, base: Path) -> Record:
         texts, images = record["texts"], record["images"]

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from moma.pipeline.documents import Document, Record, Reject, TextSegment, clean_caption
-from moma.pipeline.readers.base import Reader, expand_paths, register
+from moma.pipeline.readers.base import Reader, TooLarge, expand_paths, lines_limited, read_limited, register
 from moma.tokenizers.text_corpus import JSONL_SUFFIXES, TEXT_SUFFIXES, is_jsonl
 
 
@@ -24,16 +25,20 @@ class TextReader(Reader):
 
     def read(self, unit: str) -> Iterator[Record]:
         path = Path(unit)
+        rel, limit = self.rel(path), self.options.max_record_bytes
         opener = gzip.open if path.name.endswith(".gz") else open
         try:
             with opener(path, "rb") as f:
                 if not is_jsonl(path):
-                    yield self._doc(path.name, f.read())
+                    yield self._doc(rel, read_limited(f, limit))
                     return
-                for lineno, raw in enumerate(f, 1):
+                for lineno, raw in lines_limited(f, limit):
+                    rid = f"{rel}:{lineno}"
+                    if raw is None:
+                        yield Reject(self.name, rid, "too_large", str(TooLarge(limit)))
+                        continue
                     if not raw.strip():
                         continue
-                    rid = f"{path.name}:{lineno}"
                     try:
                         record = json.loads(raw)
                     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -41,8 +46,10 @@ class TextReader(Reader):
                         continue
                     value = record.get(self.options.text_field) if isinstance(record, dict) else None
                     yield self._doc(rid, value.encode("utf-8", "surrogatepass") if isinstance(value, str) else None)
-        except (OSError, EOFError) as e:
-            yield Reject(self.name, path.name, "unreadable", str(e))
+        except TooLarge as e:
+            yield Reject(self.name, rel, "too_large", str(e))
+        except (OSError, EOFError, zlib.error) as e:
+            yield Reject(self.name, rel, "unreadable", str(e))
 
     def _doc(self, rid: str, raw: bytes | None) -> Record:
         text, why = clean_caption(raw)

@@ -23,7 +23,9 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,15 +58,16 @@ class PartitionResult:
     inputs: int
     rejects: dict[str, int]
     seconds: float
+    by_source: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # source index -> counts
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "shards": [s.to_json() for s in self.shards], "inputs": self.inputs,
-                "rejects": self.rejects, "seconds": self.seconds}
+                "rejects": self.rejects, "seconds": self.seconds, "by_source": self.by_source}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PartitionResult:
         return cls(index=d["index"], shards=[ShardInfo.from_json(s) for s in d["shards"]], inputs=d["inputs"],
-                   rejects=d["rejects"], seconds=d["seconds"])
+                   rejects=d["rejects"], seconds=d["seconds"], by_source=d.get("by_source", {}))
 
 
 def _units(cfg: BuildConfig) -> list[tuple[int, Any]]:
@@ -75,25 +78,95 @@ def _units(cfg: BuildConfig) -> list[tuple[int, Any]]:
     return units
 
 
-def _records(cfg: BuildConfig, units: list[tuple[int, Any]]) -> Iterator[Document | Reject]:
+# What a reader's unit can raise when its input is damaged (a corrupt parquet page, a truncated
+# footer, a zlib stream cut short ...): the unit is rejected with the reason, the build goes on.
+UNIT_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, zlib.error, RuntimeError)
+
+
+def _records(cfg: BuildConfig, units: list[tuple[int, Any]]) -> Iterator[tuple[int, Document | Reject]]:
+    """(source index, record) for every record of `units`; a unit whose reader fails becomes one
+    Reject naming the unit (the records it gave before the failure stand)."""
     readers = [make_reader(spec, cfg.options, idx) for idx, spec in enumerate(cfg.sources)]
     for idx, unit in units:
-        for record in readers[idx].read(unit):
-            if isinstance(record, Document):
-                record.key = document_key(idx, record.record_id)
-            yield record
+        reader = readers[idx]
+        try:
+            for record in reader.read(unit):
+                if isinstance(record, Document):
+                    record.key = document_key(idx, record.record_id)
+                yield idx, record
+        except UNIT_ERRORS as e:
+            yield idx, Reject(reader.name, reader.unit_id(unit), "unreadable_unit", f"{type(e).__name__}: {e}")
+
+
+def _staged_settings(cfg: BuildConfig, tokenizers: Tokenizers) -> dict[str, Any]:
+    return json.loads(json.dumps({**cfg.settings(), "vocab": tokenizers.vocab.to_json()}))
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    return [] if old == new else [(where, old, new)]
+
+
+def _describe(diffs: list[tuple[str, Any, Any]], old_word: str) -> str:
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    diffs = sorted(diffs, key=lambda d: "sha256" not in d[0])  # a tokenizer's identity says the most
+    return "; ".join(f"{k}: {old_word} {short(a)}, now {short(b)}" for k, a, b in diffs[:6]) + \
+        (f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else "")
 
 
 def _prepare_staging(cfg: BuildConfig, tokenizers: Tokenizers) -> None:
-    """Record the build's settings once; a different build in the same --out is an error."""
-    settings = {**cfg.settings(), "vocab": tokenizers.vocab.to_json()}
+    """Record the build's settings once; a build with other settings or tokenizers in the same
+    --out is an error naming what differs (never mixed in, never returned as if it were this one)."""
+    settings = _staged_settings(cfg, tokenizers)
     path = cfg.staging / "build.json"
     if path.exists():
-        if json.loads(path.read_text()) != json.loads(json.dumps(settings)):
-            raise BuildError(f"{cfg.out} holds an unfinished build with other settings ({path}); "
-                             f"finish it with its own flags, or remove {cfg.staging}")
+        diffs = _differences(json.loads(path.read_text()), settings)
+        if diffs:
+            raise BuildError(f"{cfg.out} holds an unfinished build with other settings ({path}): "
+                             f"{_describe(diffs, 'staged')}. Finish it with its own flags, or start over with "
+                             f"--overwrite")
         return
     write_json_atomic(path, settings)
+
+
+def _check_existing(cfg: BuildConfig, tokenizers: Tokenizers, overwrite: bool) -> Manifest | None:
+    """The finished build in --out if it is this build; an error naming the differences if it is
+    another (or, with `overwrite`, the other build removed: its shards, manifest and staging)."""
+    out = Path(cfg.out)
+    settings = _staged_settings(cfg, tokenizers)
+    if (out / MANIFEST).exists():
+        existing = Manifest.load(out)
+        built = json.loads(json.dumps({**existing.build.get("settings", {}), "vocab": existing.vocab.to_json()}))
+        diffs = _differences(built, settings)
+        if not diffs:
+            return existing
+        if not overwrite:
+            raise BuildError(f"{out} already holds a finished build with other settings: {_describe(diffs, 'built')}; "
+                             f"use another --out, or --overwrite to replace it")
+        for name in [s.name for s in existing.shards] + [MANIFEST, REJECTS, "sizes.json"]:
+            (out / name).unlink(missing_ok=True)
+    staged = cfg.staging / "build.json"
+    if staged.exists():
+        diffs = _differences(json.loads(staged.read_text()), settings)
+        if diffs and not overwrite:
+            raise BuildError(f"{out} holds an unfinished build with other settings ({staged}): "
+                             f"{_describe(diffs, 'staged')}. Finish it with its own flags, or start over with "
+                             f"--overwrite")
+        if diffs:
+            held = sorted(cfg.staging.glob("part-*.lock"))
+            if held:
+                raise BuildError(f"--overwrite: {held[0]} is held ({held[0].read_text().strip()}); stop that build "
+                                 f"first")
+            shutil.rmtree(cfg.staging)
+    return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -103,20 +176,81 @@ def _load_tokenizers(text: str, image: str | None, pattern: str | None) -> Token
     return Tokenizers.load(text, image, pattern)
 
 
+class PartitionLock:
+    """One owner per partition: `part-i.lock` created with O_EXCL, holding host, pid and start time.
+    A lock left by a process that died on this host (SIGKILL, a requeue) is taken over; one held by
+    a live process, or by another host (which cannot be checked from here), is an error naming it."""
+
+    def __init__(self, staging: Path, index: int, out: str) -> None:
+        self.path = staging / f"part-{index:05d}.lock"
+        self.index, self.out = index, out
+        self.mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def __enter__(self) -> PartitionLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and self._stale(holder):
+                    self.path.unlink(missing_ok=True)  # its owner is gone: take it over (once)
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise BuildError(f"partition {self.index} of {self.out} is held by pid {holder.get('pid', '?')} on "
+                                 f"{holder.get('host', '?')} since {since} ({self.path}); if that process is gone, "
+                                 f"remove the lock file") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(self.mine)
+                f.flush()
+                os.fsync(f.fileno())
+            return self
+        raise BuildError(f"partition {self.index} of {self.out}: could not take {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.path.exists() and self.path.read_text() == self.mine:
+            self.path.unlink()
+
+
 def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, progress: bool = False,
                   units: list[tuple[int, Any]] | None = None) -> PartitionResult:
-    """Build partition `index` (or return its recorded result if it is already done). `units`: this
-    partition's share of the source units when the caller has listed them already."""
+    """Build partition `index` (or return its recorded result if it is already done, with the same
+    settings). `units`: this partition's share of the source units when the caller listed them."""
+    tokenizers = _load_tokenizers(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
+    _prepare_staging(cfg, tokenizers)
     part = cfg.staging / f"part-{index:05d}"
     if (part / DONE).exists():
+        return PartitionResult.from_json(json.loads((part / DONE).read_text()))
+    with PartitionLock(cfg.staging, index, cfg.out):
+        return _build_partition(cfg, index, part, tokenizers, threads, progress, units)
+
+
+def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Tokenizers, threads: int | None,
+                     progress: bool, units: list[tuple[int, Any]] | None) -> PartitionResult:
+    if (part / DONE).exists():  # finished by another process while this one waited for nothing
         return PartitionResult.from_json(json.loads((part / DONE).read_text()))
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    tokenizers = _load_tokenizers(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
-    _prepare_staging(cfg, tokenizers)
     shutil.rmtree(part, ignore_errors=True)  # an interrupted attempt is redone from scratch
     part.mkdir(parents=True)
     encode = DocumentTokenizer(tokenizers, text_threads=threads or 1, max_pixels=cfg.max_pixels)
@@ -124,33 +258,40 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
     rejects: list[Reject] = []
     inputs = 0
     seen: set[str] = set()
-    batch: list[Document] = []
+    batch: list[tuple[int, Document]] = []
+    counts: dict[int, Counter] = {i: Counter() for i in range(len(cfg.sources))}
     bar = progress_bar(desc=f"partition {index}", unit="doc", disable=not progress)
 
+    def reject(source: int, r: Reject) -> None:
+        rejects.append(r)
+        counts[source]["rejected"] += 1
+
     def flush() -> None:
-        for item in encode(batch):
+        for (source, _), item in zip(batch, encode([doc for _, doc in batch])):
             if isinstance(item, Reject):
-                rejects.append(item)
+                reject(source, item)
                 continue
             doc = item.doc
             meta = {"source": doc.source, "id": doc.record_id, "text_tokens": item.text_tokens,
                     "image_tokens": item.image_tokens, "images": doc.num_images}
             writer.write(doc.key, item.tokens, meta, item.text_tokens, item.image_tokens)
+            counts[source]["docs"] += 1
         bar.update(len(batch))
         batch.clear()
 
     if units is None:
         units = _units(cfg)[index::cfg.num_partitions]
-    for record in _records(cfg, units):
+    for source, record in _records(cfg, units):
         inputs += 1
+        counts[source]["inputs"] += 1
         if isinstance(record, Reject):
-            rejects.append(record)
+            reject(source, record)
             continue
         if record.key in seen:
-            rejects.append(Reject(record.source, record.record_id, "duplicate_id", f"key {record.key}"))
+            reject(source, Reject(record.source, record.record_id, "duplicate_id", f"key {record.key}"))
             continue
         seen.add(record.key)
-        batch.append(record)
+        batch.append((source, record))
         if len(batch) >= cfg.doc_batch:
             flush()
     flush()
@@ -161,7 +302,9 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
             f.write(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n")
     result = PartitionResult(index=index, shards=shards, inputs=inputs,
                              rejects=dict(sorted(Counter(r.reason for r in rejects).items())),
-                             seconds=time.perf_counter() - start)
+                             seconds=time.perf_counter() - start,
+                             by_source={str(i): {k: c[k] for k in ("inputs", "docs", "rejected")}
+                                        for i, c in counts.items()})
     write_json_atomic(part / DONE, result.to_json())  # last: marks the partition complete
     return result
 
@@ -171,19 +314,22 @@ def _partition_task(args: tuple[BuildConfig, int, int, list[tuple[int, Any]]]) -
     return run_partition(cfg, index, threads, units=units)
 
 
-def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None,
-          progress: bool = True) -> Manifest | PartitionResult:
-    """Run one partition (SLURM array task) or all pending ones on `workers` processes, then merge."""
+def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None, progress: bool = True,
+          overwrite: bool = False) -> Manifest | PartitionResult:
+    """Run one partition (SLURM array task) or all pending ones on `workers` processes, then merge.
+    A finished or staged build in --out with other settings or tokenizers is refused, naming the
+    differences (`overwrite`: removed, and this build starts over)."""
+    if partition is not None and not 0 <= partition < cfg.num_partitions:
+        raise ValueError(f"--partition {partition} outside [0, {cfg.num_partitions})")
+    tokenizers = _load_tokenizers(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
+    existing = _check_existing(cfg, tokenizers, overwrite)
     if partition is not None:
-        if not 0 <= partition < cfg.num_partitions:
-            raise ValueError(f"--partition {partition} outside [0, {cfg.num_partitions})")
+        if existing is not None:
+            raise BuildError(f"{cfg.out} is already built and merged; partition {partition} has nothing to do")
         return run_partition(cfg, partition, threads=None, progress=progress)
-    if (Path(cfg.out) / MANIFEST).exists():
-        existing = Manifest.load(cfg.out)
-        if existing.build.get("settings") == json.loads(json.dumps(cfg.settings())):
-            print(f"{cfg.out}: already built ({len(existing.shards)} shards); nothing to do")
-            return existing
-        raise BuildError(f"{cfg.out} already holds a finished build with other settings; use another --out")
+    if existing is not None:
+        print(f"{cfg.out}: already built ({len(existing.shards)} shards); nothing to do")
+        return existing
     units = _units(cfg)  # listed once; also surfaces source errors (missing files, bad columns) before any work
     pending = [i for i in range(cfg.num_partitions) if not (cfg.staging / f"part-{i:05d}" / DONE).exists()]
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -251,8 +397,14 @@ def merge(out: str | Path, max_reject_fraction: float | None = None) -> Manifest
             f.write((staging / f"part-{r.index:05d}" / REJECTS).read_bytes())
     written = sum(s.docs for s in shards)
     assert written + rejected == inputs, "partition accounting does not add up"
+    by_source = [Counter() for _ in settings["sources"]]
+    for r in results:
+        for i, c in r.by_source.items():
+            by_source[int(i)].update(c)
     totals = {"docs": written, "inputs": inputs, "rejected": rejected,
               "rejects_by_reason": dict(sorted(reasons.items())),
+              "by_source": {spec: {k: c[k] for k in ("inputs", "docs", "rejected")}
+                            for spec, c in zip(settings["sources"], by_source)},
               "tokens": {"text": sum(s.text_tokens for s in shards), "image": sum(s.image_tokens for s in shards)}}
     vocab = Vocab.from_json(settings.pop("vocab"), source=str(staging / "build.json"))
     manifest = Manifest(vocab=vocab, shards=shards, build={"settings": settings}, totals=totals)

@@ -53,14 +53,24 @@ def _checksum_ok(header: bytes) -> bool:
     return stored == signed
 
 
-def _pax_records(body: bytes) -> dict[str, str]:
+def _pax_records(body: bytes, offset: int) -> dict[str, str]:
+    """POSIX pax records "LEN key=value\n"; a corrupt record is a TarFormatError (a length of 0
+    looped forever, a non-numeric one escaped as a plain ValueError)."""
     out, pos = {}, 0
     while pos < len(body) and body[pos:pos + 1] not in (b"\0", b""):
-        space = body.index(b" ", pos)
-        length = int(body[pos:space])
+        space = body.find(b" ", pos, pos + 21)
+        digits = body[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarFormatError(f"bad pax record length {body[pos:pos + 20]!r} in the extended header at "
+                                 f"offset {offset}")
+        length = int(digits)
+        if length <= space - pos + 1 or pos + length > len(body) or body[pos + length - 1:pos + length] != b"\n":
+            raise TarFormatError(f"bad pax record (length {length}) in the extended header at offset {offset}")
         record = body[space + 1:pos + length - 1]  # without the trailing newline
-        key, _, value = record.partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        key, eq, value = record.partition(b"=")
+        if not eq:
+            raise TarFormatError(f"bad pax record {record[:40]!r} (no '=') in the extended header at offset {offset}")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
 
@@ -93,11 +103,16 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
         if not _checksum_ok(header):
             raise TarFormatError(f"bad header checksum at offset {f.tell() - BLOCK}")
         kind = header[156:157]
+        offset = f.tell() - BLOCK
         size = _number(header[124:136])
+        if size < 0:
+            raise TarFormatError(f"negative member size {size} in the header at offset {offset}")
         if kind in (b"x", b"g", b"L", b"K"):
+            if end_of_file is not None and offset + BLOCK + size > end_of_file:
+                raise TarFormatError(f"unexpected end of archive in the extended header at offset {offset}")
             body = _read_exact(f, _padded(size), "an extended header")[:size]
             if kind == b"x":
-                override.update(_pax_records(body))
+                override.update(_pax_records(body, offset))
             elif kind == b"L":
                 override["path"] = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
@@ -105,14 +120,18 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
         if header[257:262] == b"ustar" and header[345:346] != b"\0":
             name = header[345:500].split(b"\0", 1)[0] + b"/" + name
         path = override.pop("path", None) or name.decode("utf-8", "surrogateescape")
-        size = int(override.pop("size", size))
+        if "size" in override:
+            text = override.pop("size")
+            if not text.isdigit():
+                raise TarFormatError(f"bad pax size {text!r} for the member at offset {offset}")
+            size = int(text)
         override.clear()  # pax records apply to the next member only
         start = f.tell()
         if end_of_file is not None and start + size > end_of_file:
             raise TarFormatError(f"unexpected end of archive in member {path} "
                                  f"({end_of_file - start} of {size} bytes)")
         if kind in _REGULAR:
-            yield path, size, functools.partial(_read_at, f, start, size, path)
+            yield path, size, functools.partial(_read_at, f, start, size, path)  # args[1]: the data's offset
         f.seek(start + _padded(size))
 
 
@@ -136,19 +155,39 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (m.group(1), m.group(2)) if m else (name, "")
 
 
-def tar_samples(f: BinaryIO, read: Collection[str] | None = None
-                ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+class Sample(dict):
+    """A sample's members, {extension: data}; `offset`: where its first member's data starts."""
+
+    offset: int = 0
+
+
+class _TooLarge:
+    def __repr__(self) -> str:
+        return "TOO_LARGE"
+
+
+TOO_LARGE = _TooLarge()  # in place of the data of a member over `max_bytes` (never read)
+
+
+def tar_samples(f: BinaryIO, read: Collection[str] | None = None, max_bytes: int | None = None
+                ) -> Iterator[tuple[str, Sample]]:
     """WebDataset samples: (key, {extension: data}) for consecutive members that share a key. Only
     the extensions in `read` are read (None: all); the others map to None and are skipped with a
-    seek. Raises TarFormatError like `tar_members` (the samples before the damage are yielded)."""
+    seek; a member over `max_bytes` maps to TOO_LARGE and is skipped too. Raises TarFormatError like
+    `tar_members` (the samples before the damage are yielded)."""
     key: str | None = None
-    group: dict[str, bytes | None] = {}
-    for name, _, read_member in tar_members(f):
+    group = Sample()
+    for name, size, read_member in tar_members(f):
         k, ext = split_member_name(name)
         if key is not None and k != key:
             yield key, group
-            group = {}
+            group = Sample()
+        if not group:
+            group.offset = read_member.args[1]
         key = k
-        group[ext] = read_member() if read is None or ext in read else None
+        if max_bytes is not None and size > max_bytes:
+            group[ext] = TOO_LARGE
+        else:
+            group[ext] = read_member() if read is None or ext in read else None
     if key is not None:
         yield key, group
