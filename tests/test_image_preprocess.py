@@ -81,3 +81,39 @@ def test_to_rgb_modes() -> None:
     img = photo_like()
     for mode in ("L", "LA", "RGBA", "P", "CMYK", "I", "F", "1"):
         assert to_rgb(img.convert(mode)).mode == "RGB", mode
+
+
+COCO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco2017_mini" / "images"
+
+
+def _photos() -> list[Path]:
+    """Real 640 px COCO photos when ../shared has them (as on CI); the same test runs without."""
+    return sorted(COCO_IMAGES.glob("*.jpg"))[:80] if COCO_IMAGES.is_dir() else []
+
+
+@pytest.mark.parametrize("resolution", [64, 256])  # the tiny and base image tokenizers
+def test_draft_decoding_stays_within_its_tolerance_of_a_full_decode(resolution: int, tmp_path: Path) -> None:
+    """JPEG draft decoding (DCT-domain downscaling, image_preprocess.py step 4) is >= 30 dB PSNR
+    from decoding full size, on every photo; and it really decodes smaller."""
+    from PIL import Image
+
+    from moma.tokenizers.image_preprocess import decode_rgb
+
+    photos = _photos()
+    if not photos:
+        rng = np.random.default_rng(0)
+        for i in range(12):  # textured photo-like pictures: gradients plus noise, as JPEG encodes photos
+            img = np.asarray(photo_like((640, 426), seed=i), dtype=np.float32)
+            img += rng.normal(0, 20, img.shape)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(tmp_path / f"{i}.jpg", quality=90)
+        photos = sorted(tmp_path.glob("*.jpg"))
+    worst = np.inf
+    for path in photos:
+        a = load_image(path, resolution).astype(np.float64)
+        b = load_image(path, resolution, draft=False).astype(np.float64)
+        mse = float(((a - b) ** 2).mean())
+        worst = min(worst, 10 * np.log10(255 ** 2 / max(mse, 1e-10)))
+    assert worst >= 30.0, f"draft decoding {worst:.1f} dB from the full decode at {resolution} px"
+    side = min(decode_rgb(photos[0], resolution).size)
+    full = min(Image.open(photos[0]).size)
+    assert (side < full) == (full >= 4 * resolution)  # drafted exactly when a 1/2 scale keeps >= 2 R

@@ -20,9 +20,9 @@ from moma.tokenizers.image_tokenizer import ImageTokenizer
 EncodeResult = np.ndarray | ImageError
 
 
-def _preprocess(src: ImageSource, resolution: int, max_pixels: int) -> np.ndarray | ImageError:
+def _preprocess(src: ImageSource, resolution: int, max_pixels: int, draft: bool = True) -> np.ndarray | ImageError:
     try:
-        return load_image(src, resolution, max_pixels)
+        return load_image(src, resolution, max_pixels, draft)
     except ImageError as e:
         return e
     except Exception as e:  # noqa: BLE001 - a decoder bug on one image must not stop the batch
@@ -31,11 +31,12 @@ def _preprocess(src: ImageSource, resolution: int, max_pixels: int) -> np.ndarra
 
 class BatchImageEncoder:
     def __init__(self, tokenizer: ImageTokenizer, workers: int = 1, batch_size: int = 64,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True) -> None:
         self.tokenizer = tokenizer
         self.workers = workers
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.draft = draft  # JPEG draft decoding (image_preprocess.py, step 4)
         self._pool: mp.pool.Pool | None = None
 
     def __enter__(self) -> BatchImageEncoder:
@@ -50,7 +51,8 @@ class BatchImageEncoder:
             self._pool = None
 
     def _preprocessed(self, sources: Iterable[ImageSource]) -> Iterator[np.ndarray | ImageError]:
-        fn = functools.partial(_preprocess, resolution=self.tokenizer.resolution, max_pixels=self.max_pixels)
+        fn = functools.partial(_preprocess, resolution=self.tokenizer.resolution, max_pixels=self.max_pixels,
+                               draft=self.draft)
         if self.workers <= 0:
             yield from map(fn, sources)
             return

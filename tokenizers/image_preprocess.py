@@ -7,8 +7,12 @@ Steps, in order:
    bomb is refused without allocating it);
 2. first frame of animated images (GIF/WebP/APNG);
 3. EXIF orientation applied;
-4. JPEG draft mode: the decoder itself downscales by 1/2, 1/4 or 1/8 while staying >= the size needed
-   (far cheaper than decoding full size and resizing);
+4. JPEG draft mode: the decoder itself downscales by 1/2, 1/4 or 1/8 (in the DCT domain) while the
+   shorter side stays >= 2 R, so the final antialiased resize still averages >= 2x and smooths the
+   DCT scaling's artefacts. Measured on the COCO-mini photos (640 px): at R = 64, 1.96 ms per image
+   vs 3.16 ms decoding full size, PSNR against the full decode >= 31 dB on every photo (mean 48 dB;
+   drafting down to 1 R was 1.69 ms but 22 dB at worst); at R = 256 a 640 px JPEG is decoded whole.
+   The tolerance (>= 30 dB) is a test (tests/test_image_preprocess.py); `draft=False` turns it off;
 5. RGB: alpha (RGBA, LA, palette with transparency) composited on white; palette, grayscale, CMYK
    and 16/32-bit integer or float modes converted;
 6. the centred square of side = shorter side, resized to R x R (bicubic, antialiased). Cropping in
@@ -104,19 +108,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def decode_rgb(src: ImageSource, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+DRAFT_MARGIN = 2  # JPEG draft decoding keeps the shorter side >= DRAFT_MARGIN x the target
+
+
+def decode_rgb(src: ImageSource, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft: bool = True) -> Image.Image:
     """Steps 1-5: a validated, oriented RGB image whose shorter side is still >= `min_side`
-    (or the original size, if smaller)."""
+    (>= DRAFT_MARGIN x `min_side` after JPEG draft decoding; the original size, if smaller)."""
     name = describe_source(src)
     img = open_image(src, max_pixels)
     try:
         if getattr(img, "is_animated", False):
             img.seek(0)  # documented: animated images contribute their first frame
-        if img.format == "JPEG":
-            # Ask the decoder for a reduced size that still covers `min_side` on the shorter side.
+        if img.format == "JPEG" and draft:
+            # Ask the decoder for a reduced size that still covers DRAFT_MARGIN x `min_side`.
             w, h = img.size
-            scale = min_side / min(w, h)
-            img.draft("RGB", (max(1, int(w * scale + 1)), max(1, int(h * scale + 1))))
+            scale = DRAFT_MARGIN * min_side / min(w, h)
+            if scale < 1:
+                img.draft("RGB", (max(1, int(w * scale + 1)), max(1, int(h * scale + 1))))
         img = ImageOps.exif_transpose(img)
         img = to_rgb(img)
         img.load()
@@ -142,9 +151,10 @@ def square_resize(img: Image.Image, resolution: int,
     return np.asarray(out, dtype=np.uint8)
 
 
-def load_image(src: ImageSource, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(src: ImageSource, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft: bool = True) -> np.ndarray:
     """The canonical preprocessing: decode, orient, RGB, centre square resized to uint8 [R, R, 3]."""
-    return square_resize(decode_rgb(src, resolution, max_pixels), resolution)
+    return square_resize(decode_rgb(src, resolution, max_pixels, draft), resolution)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

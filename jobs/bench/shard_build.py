@@ -10,8 +10,10 @@ and the same two cores:
   the photos are decoded and encoded that many times) vs the VQ encoder forward on ready tensors;
 * a text-only corpus of --text-mb MB of real text (the CPython standard library's sources and the
   embedded plays, as files of ~256 KB) vs tiktoken's batch encode of the same texts.
-efficiency = bare stage time / build time (goal >= 0.8). Leaves the text shards in --out (the loader
-benchmark reads them) and the COCO shards beside them. Prints one JSON line.
+efficiency = bare stage time / build time (goal >= 0.8). The COCO build runs twice, with JPEG draft
+decoding (the default) and without (`jpeg_draft=False`), with the per-image JPEG decode + preprocess
+time of each. Leaves the text shards in --out (the loader benchmark reads them) and the COCO shards
+beside them. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -60,10 +62,18 @@ def bare_bpe(tok: TextTokenizer, texts: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def timed_build(sources: list[str], out: Path, args: argparse.Namespace, options: ReaderOptions) -> tuple[dict, float]:
+def decode_ms(images: list[Path], resolution: int, draft: bool) -> float:
+    start = time.perf_counter()
+    for p in images:
+        load_image(p, resolution, draft=draft)
+    return (time.perf_counter() - start) / len(images) * 1e3
+
+
+def timed_build(sources: list[str], out: Path, args: argparse.Namespace, options: ReaderOptions,
+                jpeg_draft: bool = True) -> tuple[dict, float]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = BuildConfig(sources=sources, out=str(out), text_tokenizer=args.text_tokenizer,
-                      image_tokenizer=args.image_tokenizer, options=options, num_partitions=8)
+                      image_tokenizer=args.image_tokenizer, options=options, num_partitions=8, jpeg_draft=jpeg_draft)
     start = time.perf_counter()
     manifest = build(cfg, workers=args.workers, progress=False)
     return manifest.totals, time.perf_counter() - start
@@ -87,13 +97,17 @@ def main() -> None:
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         texts = write_text_corpus(Path(tmp) / "text", args.text_mb)
-        coco_totals, coco_s = timed_build([f"coco:{p}" for _ in range(args.repeat) for p in coco_json],
-                                          out.with_name(out.name + "_coco"), args,
-                                          ReaderOptions(coco_images=str(coco / "images")))
+        coco_sources = [f"coco:{p}" for _ in range(args.repeat) for p in coco_json]
+        coco_options = ReaderOptions(coco_images=str(coco / "images"))
+        _, coco_no_draft_s = timed_build(coco_sources, out.with_name(out.name + "_coco"), args, coco_options,
+                                         jpeg_draft=False)
+        coco_totals, coco_s = timed_build(coco_sources, out.with_name(out.name + "_coco"), args, coco_options)
         text_totals, text_s = timed_build([f"text:{Path(tmp) / 'text'}"], out, args, ReaderOptions())
 
     torch.set_num_threads(2)  # the bare stages get the same two cores
-    vq_s = bare_vq(ImageTokenizer.load(args.image_tokenizer), images, args.repeat)
+    image_tok = ImageTokenizer.load(args.image_tokenizer)
+    vq_s = bare_vq(image_tok, images, args.repeat)
+    draft_ms, no_draft_ms = (decode_ms(images, image_tok.resolution, d) for d in (True, False))
     bpe_s = bare_bpe(TextTokenizer.load(args.text_tokenizer), texts)
     mb = sum(len(x.encode()) for x in texts) / 1e6
 
@@ -107,7 +121,9 @@ def main() -> None:
         "coco_docs_per_s": round(coco_totals["docs"] / coco_s, 1),
         "coco_tokens_per_s": round(tokens(coco_totals) / coco_s),
         "bare_vq_s": round(vq_s, 2), "bare_vq_images_per_s": round(len(images) * args.repeat / vq_s, 1),
-        "coco_efficiency": round(vq_s / coco_s, 3),
+        "coco_efficiency": round(vq_s / coco_s, 3), "coco_build_no_draft_s": round(coco_no_draft_s, 2),
+        "coco_efficiency_no_draft": round(vq_s / coco_no_draft_s, 3),
+        "jpeg_decode_ms_draft": round(draft_ms, 3), "jpeg_decode_ms_no_draft": round(no_draft_ms, 3),
         "text_mb": round(mb, 1), "text_docs": text_totals["docs"], "text_build_s": round(text_s, 2),
         "text_tokens_per_s": round(tokens(text_totals) / text_s), "text_mb_per_s": round(mb / text_s, 2),
         "bare_bpe_s": round(bpe_s, 2), "bare_bpe_mb_per_s": round(mb / bpe_s, 2),

@@ -20,7 +20,7 @@ import numpy as np
 
 from moma.pipeline.errors import MomaError
 from moma.pipeline.shards.npy import load_npy
-from moma.pipeline.shards.tar_reader import TarFormatError, tar_samples
+from moma.pipeline.shards.tar_reader import Sample, TarFormatError, tar_samples
 
 log = logging.getLogger("moma.loader")
 
@@ -49,8 +49,9 @@ class SegmentReader:
         self._next_doc = 0  # index of the document the tar stream is positioned at
         self._dead = False  # missing/truncated: nothing more comes out of this shard
 
-    def _problem(self, reason: str, key: str, detail: str) -> None:
-        message = f"{self.path} [{key}]: {reason}: {detail}"
+    def _problem(self, reason: str, key: str, detail: str, offset: int | None = None) -> None:
+        where = f" at byte {offset}" if offset is not None else ""
+        message = f"{self.path} [{key}]{where}: {reason}: {detail}"
         if self.strict:
             raise ShardDataError(message)
         self.bad[reason] += 1
@@ -59,7 +60,7 @@ class SegmentReader:
     def _open(self) -> None:
         try:
             if self.path.stat().st_size == 0:
-                self._problem("empty_shard", "-", "zero bytes")
+                self._problem("empty_shard", "-", "zero bytes", 0)
                 self._dead = True
                 return
             self._tar = open(self.path, "rb")
@@ -70,7 +71,7 @@ class SegmentReader:
             self._problem("truncated_tar", "-", str(e))
             self._dead = True
 
-    def _members(self) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    def _members(self) -> Iterator[tuple[str, Sample]]:
         """(key, {ext: data}) per document, from the current position; tokens data only is read."""
         assert self._tar is not None
         samples = tar_samples(self._tar, read=("tokens.npy",))
@@ -79,7 +80,7 @@ class SegmentReader:
             try:
                 item = next(samples, None)
             except (TarFormatError, OSError) as e:
-                self._problem("truncated_tar", key, str(e))
+                self._problem("truncated_tar", key, str(e), self._tar.tell())
                 self._dead = True
                 return
             if item is None:
@@ -107,7 +108,8 @@ class SegmentReader:
             item = None if self._dead else next(self._it, None)
             if item is None:
                 if not self._dead:
-                    self._problem("short_shard", "-", f"ends before document {self._next_doc} listed in the manifest")
+                    self._problem("short_shard", "-", f"ends before document {self._next_doc} listed in the manifest",
+                                  self._tar.tell() if self._tar is not None else None)
                     self._dead = True
                 out.append(None)
                 continue
@@ -115,21 +117,23 @@ class SegmentReader:
             out.append(self._decode(*item))
         return out
 
-    def _decode(self, key: str, group: dict[str, bytes | None]) -> tuple[str, np.ndarray] | None:
+    def _decode(self, key: str, group: Sample) -> tuple[str, np.ndarray] | None:
+        at = group.offset
         data = group.get("tokens.npy")
         if data is None:
-            self._problem("missing_tokens", key, "no tokens.npy member")
+            self._problem("missing_tokens", key, "no tokens.npy member", at)
             return None
         try:
             tokens = load_npy(data)
         except (ValueError, OSError, EOFError) as e:
-            self._problem("bad_npy", key, str(e))
+            self._problem("bad_npy", key, str(e), at)
             return None
         if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
-            self._problem("bad_npy", key, f"expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+            self._problem("bad_npy", key, f"expected a 1-D integer array, got {tokens.dtype} {tokens.shape}", at)
             return None
         if tokens.size and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
-            self._problem("token_out_of_range", key, f"id {int(tokens.max())} >= vocabulary size {self.vocab_size}")
+            self._problem("token_out_of_range", key, f"id {int(tokens.max())} >= vocabulary size {self.vocab_size}",
+                          at)
             return None
         return key, tokens.astype(np.uint32, copy=False)  # ids checked in [0, vocab): 4 bytes each suffice
 

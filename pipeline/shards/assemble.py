@@ -53,12 +53,12 @@ class TokenizedDocument:
 
 class DocumentTokenizer:
     def __init__(self, tokenizers: Tokenizers, image_batch: int = 64, text_threads: int = 1,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, jpeg_draft: bool = True) -> None:
         self.tok = tokenizers
         self.vocab = tokenizers.vocab
         self.text_threads = text_threads
-        self.images = BatchImageEncoder(tokenizers.image, workers=0, batch_size=image_batch,
-                                        max_pixels=max_pixels) if tokenizers.image else None
+        self.images = BatchImageEncoder(tokenizers.image, workers=0, batch_size=image_batch, max_pixels=max_pixels,
+                                        draft=jpeg_draft) if tokenizers.image else None
 
     def __call__(self, docs: Sequence[Document]) -> Iterator[TokenizedDocument | Reject]:
         texts = [seg.text for d in docs for seg in d.segments if isinstance(seg, TextSegment)]

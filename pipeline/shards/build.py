@@ -253,7 +253,8 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
     start = time.perf_counter()
     shutil.rmtree(part, ignore_errors=True)  # an interrupted attempt is redone from scratch
     part.mkdir(parents=True)
-    encode = DocumentTokenizer(tokenizers, text_threads=threads or 1, max_pixels=cfg.max_pixels)
+    encode = DocumentTokenizer(tokenizers, text_threads=threads or 1, max_pixels=cfg.max_pixels,
+                               jpeg_draft=cfg.jpeg_draft)
     writer = ShardWriter(part, "shard-{:06d}.tar", cfg.max_docs_per_shard, cfg.max_bytes_per_shard)
     rejects: list[Reject] = []
     inputs = 0

@@ -40,6 +40,8 @@ class BuildConfig:
     max_reject_fraction: float | None = _opt(None, "fail (no manifest) when more than this fraction of inputs is "
                                                    "rejected")
     max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "refuse larger images (decompression bombs)")
+    jpeg_draft: bool = _opt(True, "decode JPEGs at a reduced size (>= 2x the tokenizer's; >= 30 dB from a full "
+                                  "decode)")
 
     def __post_init__(self) -> None:
         if self.image_tokenizer is None and any(not s.startswith("text:") for s in self.sources):
@@ -53,7 +55,7 @@ class BuildConfig:
         """Everything that decides the bytes of the output (recorded in the manifest)."""
         return {"sources": self.sources, "options": self.options.to_json(), "prefix": self.prefix,
                 "max_docs_per_shard": self.max_docs_per_shard, "max_bytes_per_shard": self.max_bytes_per_shard,
-                "num_partitions": self.num_partitions, "max_pixels": self.max_pixels,
+                "num_partitions": self.num_partitions, "max_pixels": self.max_pixels, "jpeg_draft": self.jpeg_draft,
                 "tokenizer_paths": {"text": self.text_tokenizer, "image": self.image_tokenizer}}
 
     @property

@@ -174,20 +174,26 @@ def tar_samples(f: BinaryIO, read: Collection[str] | None = None, max_bytes: int
     """WebDataset samples: (key, {extension: data}) for consecutive members that share a key. Only
     the extensions in `read` are read (None: all); the others map to None and are skipped with a
     seek; a member over `max_bytes` maps to TOO_LARGE and is skipped too. Raises TarFormatError like
-    `tar_members` (the samples before the damage are yielded)."""
+    `tar_members`, after yielding every sample before the damage (also the last, whose members are
+    whole but whose end could not be seen)."""
     key: str | None = None
     group = Sample()
-    for name, size, read_member in tar_members(f):
-        k, ext = split_member_name(name)
-        if key is not None and k != key:
+    try:
+        for name, size, read_member in tar_members(f):
+            k, ext = split_member_name(name)
+            if key is not None and k != key:
+                yield key, group
+                group = Sample()
+            if not group:
+                group.offset = read_member.args[1]
+            key = k
+            if max_bytes is not None and size > max_bytes:
+                group[ext] = TOO_LARGE
+            else:
+                group[ext] = read_member() if read is None or ext in read else None
+    except TarFormatError:
+        if key is not None and group:  # its members are whole: the damage starts after them
             yield key, group
-            group = Sample()
-        if not group:
-            group.offset = read_member.args[1]
-        key = k
-        if max_bytes is not None and size > max_bytes:
-            group[ext] = TOO_LARGE
-        else:
-            group[ext] = read_member() if read is None or ext in read else None
+        raise
     if key is not None:
         yield key, group
