@@ -14,10 +14,12 @@ import pytest
 import torch
 from braceexpand import braceexpand
 from corpus_fixtures import make_tokenizers, write_folder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from moma.pipeline.loader.epoch_plan import SourceShards, epoch_share
 from moma.pipeline.loader.loader import DataConfig, DataSource, PackedLoader
 from moma.pipeline.loader.shard_reader import ShardDataError
+from moma.pipeline.loader.stream import reading_epoch
 from moma.pipeline.shards.build import BuildConfig, build
 from moma.pipeline.shards.inspect import iter_samples
 from moma.pipeline.shards.manifest import Manifest
@@ -86,28 +88,23 @@ def test_resume_gives_exactly_the_uninterrupted_batches(data: dict, workers: int
             assert a["doc_keys"] == b["doc_keys"]
 
 
-def epoch_docs(loaders: list[PackedLoader], plans: list[SourceShards], seed: int = 0) -> Counter:
-    """Run every loader until all its streams finished epoch 0; the first share-many documents each
-    stream started are its epoch 0."""
-    per_stream: dict[int, list[str]] = {}
-    streams = loaders[0].streams
+def epoch_docs(loaders: list[PackedLoader], epoch: int = 0) -> Counter:
+    """Run every loader until all its streams' own cursors are past `epoch`; the documents they
+    read that belong to `epoch` (each batch says which epoch each document is from)."""
+    seen: Counter = Counter()
     for loader in loaders:
         it = iter(loader)
         while not loader.stream_states or len(loader.stream_states) < loader.per_rank or \
-                any(st["cursors"][0]["epoch"] == 0 for st in loader.stream_states.values()):
+                any(reading_epoch(st, epoch) for st in loader.stream_states.values()):
             batch = next(it)
-            per_stream.setdefault(batch["stream"], []).extend(batch["doc_keys"])
-    seen: Counter = Counter()
-    for s, keys in per_stream.items():
-        share = sum(e - b for _, b, e in epoch_share(plans[0], seed, 0, 0, s, streams))
-        seen.update(keys[:share])
+            seen.update(k for k, e in zip(batch["doc_keys"], batch["doc_epochs"]) if e == epoch)
     return seen
 
 
 @pytest.mark.parametrize("workers,world", [(0, 1), (2, 2)])
 def test_one_epoch_is_the_dataset_exactly(data: dict, workers: int, world: int) -> None:
     loaders = [make(cfg(data["main"], workers=workers), rank=r, world_size=world) for r in range(world)]
-    seen = epoch_docs(loaders, loaders[0].plans)
+    seen = epoch_docs(loaders)
     assert seen == Counter(_keys(data["main"]))  # every document once: no repeat, no gap
 
 
@@ -117,16 +114,19 @@ def _keys(directory: Path, source: int = 0) -> set[str]:
 
 def test_packing_reproduces_the_token_stream(data: dict) -> None:
     loader = make(cfg(data["main"]))
-    tokens, keys = [], []
+    tokens: dict[int, list[int]] = {r: [] for r in range(BATCH)}  # each row has its own packer
+    keys: dict[int, list[str]] = {r: [] for r in range(BATCH)}
     for batch in take(loader, 40):
         ids, labels = batch["input_ids"], batch["labels"]
         assert torch.equal(labels[:, :-1], ids[:, 1:])  # labels are the inputs shifted by one
         for row in range(ids.shape[0]):
-            tokens += ids[row].tolist() + [int(batch["labels"][row, -1])]
-        keys += batch["doc_keys"]
-    expected = np.concatenate([data["docs"][k] for k in keys]).tolist()
-    assert tokens == expected[:len(tokens)]  # every token once, in order: windows are cut, never dropped
-    assert data["vocab"].pad_id not in tokens  # no padding without keep_images_whole
+            tokens[row] += ids[row].tolist() + [int(batch["labels"][row, -1])]
+        for key, row in zip(batch["doc_keys"], batch["doc_rows"]):
+            keys[row].append(key)
+    for row in range(BATCH):
+        expected = np.concatenate([data["docs"][k] for k in keys[row]]).tolist()
+        assert tokens[row] == expected[:len(tokens[row])]  # every token once, in order: cut, never dropped
+        assert data["vocab"].pad_id not in tokens[row]  # no padding without keep_images_whole
 
 
 def test_keep_images_whole(data: dict) -> None:
@@ -170,19 +170,11 @@ def test_resume_onto_another_world_size_covers_the_epoch_once(data: dict, new_wo
     before: Counter = Counter()
     for loader in old:
         for batch in take(loader, 5):
-            before.update(batch["doc_keys"])
+            before.update(k for k, e in zip(batch["doc_keys"], batch["doc_epochs"]) if e == 0)
     states = [lo.state_dict() for lo in old]
     # the same data, now one rank with another number of workers
     new = make(cfg(data["main"], workers=new_workers), rank=0, world_size=1, state=states)
-    # what the old streams left of epoch 0 is now pending in the new ones, to be read first
-    pending = {s: sum(len(p["samples"][1]) if "samples" in p else p["segment"][2] - p["segment"][1]
-                      for p in st["cursors"][0]["pending"]) for s, st in new.stream_states.items()}
-    per_stream: dict[int, list[str]] = {s: [] for s in pending}
-    it = iter(new)
-    while any(len(per_stream[s]) < pending[s] for s in pending):
-        batch = next(it)
-        per_stream[batch["stream"]] += batch["doc_keys"]
-    after = Counter(k for s, keys in per_stream.items() for k in keys[:pending[s]])
+    after = epoch_docs([new])
     assert before + after == Counter(_keys(data["main"]))  # epoch 0 exactly once across the re-split
 
 
@@ -199,15 +191,43 @@ def test_bad_shards_are_counted_and_skipped(data: dict, tmp_path: Path) -> None:
     (bad / names[3]).write_bytes(b"")  # empty shard
     (bad / names[4]).unlink()  # listed in the manifest, missing on disk
     loader = make(cfg(bad))
-    take(loader, 80)  # more than an epoch: training goes on
+    delivered = epoch_docs([loader])  # a whole epoch, then training goes on
+    take(loader, 20)
     counts = loader.bad_counts()
     for reason in ("truncated_tar", "bad_npy", "token_out_of_range", "empty_shard", "missing_shard"):
         assert counts.get(reason, 0) >= 1, (reason, counts)
+    # every good document arrives, once: the intact shards whole, the damaged ones but their damage
+    expected = set()
+    for i, name in enumerate(names):
+        keys = [k for k, _, _ in iter_samples(data["main"] / name)]
+        if i == 0:
+            keys = _readable_keys(bad / name)  # the truncated one: what lies before the cut
+        elif i in (1, 2):
+            keys = keys[1:]  # its first document's tokens were spoiled
+        elif i in (3, 4):
+            keys = []  # empty, missing
+        expected |= {f"0:{k}" for k in keys}
+    assert len(expected) > 20 and delivered == Counter(expected)
     with pytest.raises(Exception, match="missing"):
         make(cfg(bad, strict=True))
     (bad / names[4]).write_bytes((data["main"] / names[4]).read_bytes())
     with pytest.raises(ShardDataError, match=rf"{names[0]}|{names[1]}|{names[2]}|{names[3]}"):
         take(make(cfg(bad, strict=True)), 80)
+
+
+def _readable_keys(path: Path) -> list[str]:
+    """The documents of a truncated tar whose tokens member is whole, by Python's tarfile."""
+    keys = []
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for m in tar:
+                if m.name.endswith(".tokens.npy"):
+                    tar.extractfile(m).read()
+                    if m.offset_data + m.size <= path.stat().st_size:
+                        keys.append(m.name.split(".", 1)[0])
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return keys
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -239,7 +259,7 @@ def test_layouts_that_would_hang_are_refused_or_handled(data: dict, tmp_path: Pa
     one_shard = data["other"]  # 30 docs in a single shard: four streams still split it
     assert len(Manifest.load(one_shard).shards) == 1
     loaders = [make(cfg(one_shard, workers=2), rank=r, world_size=2) for r in range(2)]
-    assert epoch_docs(loaders, loaders[0].plans) == Counter(_keys(one_shard))
+    assert epoch_docs(loaders) == Counter(_keys(one_shard))
     with pytest.raises(ValueError, match="30 documents but the loader runs 64 streams"):
         make(cfg(one_shard, workers=8), rank=0, world_size=8)
 
@@ -262,15 +282,138 @@ def test_state_survives_a_weights_only_round_trip(data: dict, tmp_path: Path) ->
                        take(loader, 1)[0]["input_ids"])
 
 
-def test_chunk_transport_sends_shared_leftovers_once() -> None:
-    import pickle
+# --- re-splits, state size, decorrelated rows ------------------------------------------------------
 
-    from moma.pipeline.loader.stream import pack_for_transport, unpack_transported
+@pytest.fixture(scope="module")
+def sixty(data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 text documents of 3 to 42 words, 7 per shard."""
+    return make_shards(tmp_path_factory.mktemp("sixty"), data["toks"], "sixty", n_text=60, images=False,
+                       per_shard=7, partitions=2)
 
-    buf = np.arange(10_003, dtype=np.uint32)  # one concatenation; batches leave shorter and shorter tails of it
-    raws = [{"state": {"leftover": buf[100 * (i + 1):]}} for i in range(5)]
-    raws.append({"state": {"leftover": np.arange(7, dtype=np.uint32)}})  # an array of its own
-    blob = pickle.dumps(pack_for_transport(raws))
-    assert len(blob) < buf.nbytes * 1.1  # the longest tail once, not five tails
-    for sent, got in zip(raws, (unpack_transported(r) for r in pickle.loads(blob))):
-        assert np.array_equal(sent["state"]["leftover"], got["state"]["leftover"])
+
+def run_layouts(directory: Path, phases: list[tuple[int, int, int]], epochs: int = 2,
+                check_same_layout: bool = False) -> Counter:
+    """Phases of (world size, workers, batches per rank), each resumed from the states the previous
+    one left (all ranks' states: a re-split when the layout changed); the last phase runs on until
+    every stream is past `epochs` - 1. Returns (document, epoch) counts."""
+    seen: Counter = Counter()
+    states: list[dict] | None = None
+    for i, (world, workers, steps) in enumerate(phases):
+        c = cfg(directory, workers=workers)
+        last = i == len(phases) - 1
+        next_states = []
+        for rank in range(world):
+            mine = states
+            if states is not None and [st["world_size"] for st in states[:1]] == [world] and \
+                    states[0]["per_rank"] == max(1, workers):
+                mine = states[rank]  # the same layout: only this rank's own state
+            loader = make(c, rank=rank, world_size=world, state=mine)
+            it = iter(loader)
+            for batch in take(loader, steps, it):
+                seen.update(zip(batch["doc_keys"], batch["doc_epochs"]))
+            if last:
+                while any(reading_epoch(st, epochs - 1) for st in loader.stream_states.values()) or \
+                        len(loader.stream_states) < loader.per_rank:
+                    batch = next(it)
+                    seen.update(zip(batch["doc_keys"], batch["doc_epochs"]))
+            if check_same_layout and not last:  # the same layout continues bit-identically
+                state = loader.state_dict()
+                expected = take(loader, 3, it)
+                got = take(make(c, rank=rank, world_size=world, state=state), 3)
+                assert all(torch.equal(a["input_ids"], b["input_ids"]) and a["doc_keys"] == b["doc_keys"]
+                           for a, b in zip(expected, got))
+                seen.update(zip(sum((b["doc_keys"] for b in expected), []), sum((b["doc_epochs"] for b in expected),
+                                                                              [])))
+            next_states.append(loader.state_dict())
+        states = next_states
+    return Counter({k: n for k, n in seen.items() if k[1] < epochs})
+
+
+def test_a_second_resplit_repeats_and_skips_nothing(sixty: Path) -> None:
+    """2 streams, then 3, then 1 (the reproduction of the old bug: counts {2: 49, 3: 8, 1: 3})."""
+    seen = run_layouts(sixty, [(2, 0, 4), (3, 0, 3), (1, 0, 1)])
+    keys = _keys(sixty)
+    assert seen == Counter({(k, e): 1 for k in keys for e in (0, 1)})
+    per_doc = Counter(k for k, _ in seen.elements())
+    assert set(per_doc.values()) == {2} and len(per_doc) == 60
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(phases=st.lists(st.tuples(st.integers(1, 3), st.sampled_from([0, 0, 2]), st.integers(0, 9)),
+                       min_size=1, max_size=4))
+def test_any_sequence_of_resizes_reads_every_document_once_per_epoch(sixty: Path, phases: list) -> None:
+    seen = run_layouts(sixty, phases, check_same_layout=True)
+    assert seen == Counter({(k, e): 1 for k in _keys(sixty) for e in (0, 1)}), phases
+
+
+def test_resume_with_another_worker_count_on_the_same_world_size(sixty: Path) -> None:
+    """Re-split of the streams of one world size: needs every rank's state, not only this rank's."""
+    old = [make(cfg(sixty, workers=0), rank=r, world_size=2) for r in range(2)]
+    for lo in old:
+        take(lo, 3)
+    states = [lo.state_dict() for lo in old]
+    with pytest.raises(ValueError, match="needs the loader states of all 2 old ranks"):
+        make(cfg(sixty, workers=2), rank=0, world_size=2, state=states[0])
+    assert make(cfg(sixty, workers=2), rank=1, world_size=2, state=states).stream_states
+
+
+def _long_document_shards(d: Path, vocab: Vocab, n_shards: int) -> Path:
+    """Shard 0 holds a 10^6-token document and 3 short ones; shards 1.. are only listed (10^5 of them)."""
+    import json
+
+    from moma.pipeline.shards.writer import ShardInfo
+
+    d.mkdir()
+    docs = {"long": np.full(1_000_000, 5, dtype=np.uint32), **{f"s{i}": np.arange(3, 40, dtype=np.uint32)
+                                                               for i in range(3)}}
+    with tarfile.open(d / "data-000000.tar", "w") as tar:
+        for key, tokens in docs.items():
+            for ext, payload in (("tokens.npy", _npy(tokens)), ("json", json.dumps({"id": key}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    shards = [ShardInfo(name="data-000000.tar", docs=4, text_tokens=10 ** 6, image_tokens=0, bytes=0, sha256="0")]
+    shards += [ShardInfo(name=f"data-{i:06d}.tar", docs=3, text_tokens=30, image_tokens=0, bytes=0, sha256="0")
+               for i in range(1, n_shards)]
+    Manifest(vocab=vocab, shards=shards, build={"settings": {}}, totals={}).save(d)
+    return d
+
+
+def test_state_stays_small_whatever_the_shards_and_documents(tmp_path: Path, data: dict) -> None:
+    """<= 4 KB per stream with 10^5 shard entries, and while a row holds a piece of a 10^6-token
+    document: references, never tokens or shard lists."""
+    import json
+
+    vocab = data["vocab"]
+    many = _long_document_shards(tmp_path / "many", vocab, 100_000)
+    one = _long_document_shards(tmp_path / "one", vocab, 1)
+
+    def loader(d: Path) -> PackedLoader:
+        return PackedLoader(DataConfig(sources=(DataSource(str(d)),), seq_len=512, num_workers=0, shuffle_buffer=4,
+                                       open_shards=1), batch_size=4, seed=0)
+
+    assert len(json.dumps(loader(many).state_dict())) <= 4096
+    small = loader(one)
+    take(small, 5)  # the long document is in a row's packer now
+    state = small.state_dict()
+    held = [p for st in state["streams"].values() for packer in st["packers"] for p in packer]
+    assert any(end - start > 100_000 for *_, start, end in held)  # a piece of the long document, by reference
+    assert len(json.dumps(state)) <= 4096
+    # and the reference resumes to the same batches
+    expected = take(small, 3)
+    got = take(PackedLoader(small.cfg, 4, seed=0, state=state), 3)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(expected, got))
+
+
+def test_the_rows_of_a_batch_never_share_a_document(data: dict) -> None:
+    """Book-length documents fill one row batch after batch, not whole batches."""
+    loader = PackedLoader(DataConfig(sources=(DataSource(str(data["main"])),), seq_len=8, num_workers=0,
+                                     shuffle_buffer=5), batch_size=4, seed=1)
+    it = iter(loader)
+    holders: dict[int, str] = {}  # row -> the document its window ends in
+    for _ in range(100):
+        batch = next(it)
+        for key, row in zip(batch["doc_keys"], batch["doc_rows"]):
+            holders[row] = key
+        rows = list(holders.values())
+        assert len(rows) == len(set(rows)), rows  # no two rows are in the same document

@@ -1,121 +1,152 @@
-"""Who reads what: the deterministic epoch plan of every stream, and re-splitting it.
+"""Who reads what: each stream's share of every epoch, the order it reads it in, and how a re-split
+hands unfinished shares to another layout — all arithmetic on a few integers, no lists of shards
+or documents in any state.
 
 A *stream* is one reader of the data: rank r's DataLoader worker w is stream r * W + w of
-S = world_size * max(1, num_workers). For source m in epoch e, the shards are put in an order drawn
-from (seed, m, e) and their documents, concatenated, form one index space [0, N_m); stream s owns
-the contiguous range [s * N_m / S, (s + 1) * N_m / S) — a list of (shard, start, end) segments.
-Shares differ by at most one document, whatever the number of shards (a shard may be split over
-several streams, so fewer shards than streams is fine), and they cover the epoch exactly once.
+S = world_size * max(1, num_workers). For source m in epoch e the shards are put in an order drawn
+from (seed, m, e) and their documents, concatenated, form one index space [0, N) (EpochLayout).
+Stream s of S owns the contiguous range [s * N / S, (s + 1) * N / S): shares differ by at most one
+document whatever the number of shards, and they cover the epoch exactly once.
 
-Re-splitting (resume on another world size or worker count): every old stream's unfinished work up
-to the most advanced old epoch becomes *pending* work, dealt round-robin to the new streams, which
-then continue with epoch (that one + 1) under the new plan: no document repeated, none skipped.
+Inside its share a stream reads `lanes` sub-ranges side by side (several shards open at once, as
+webdataset/OpenCLIP shuffle), `block_size` documents at a time: block b holds the next
+ceil(block_size / lanes) documents of every lane, emitted in an order drawn from a seed naming the
+block (Cursor.block_positions). A Cursor — (S, s, epoch, block, offset, until) — is where one such
+reader stands; it is the whole state of a stream's reading position.
+
+Re-splitting (resume on another world size or worker count): every old stream's cursors are kept
+as they are (an unfinished share is continued exactly as the old stream would have continued it,
+to the end of the most advanced old epoch `top`) and dealt round-robin to the new streams, which
+read them first and then start epoch top + 1 under the new layout: no document repeated, none
+skipped, after any number of re-splits in a row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+import hashlib
+import json
+from collections.abc import Iterator
 
 import numpy as np
 
-Segment = tuple[int, int, int]  # (shard index within the source, first doc, end doc)
+OPEN = -1  # Cursor.until of a stream's own cursor: it reads epoch after epoch
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceShards:
-    """One source's shards (document counts in manifest order) and its place in the mixture."""
+    """One source's shards: their document counts in manifest order (and a digest of them)."""
 
     docs_per_shard: tuple[int, ...]
+    names: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
         return sum(self.docs_per_shard)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """What a loader state records instead of the shard list itself."""
+        return hashlib.sha256(json.dumps([list(self.names), list(self.docs_per_shard)]).encode()).hexdigest()[:32]
 
 
 def shard_order(seed: int, source: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, source, epoch, 0x5EED]).permutation(n)
 
 
-def epoch_share(plan: SourceShards, seed: int, source: int, epoch: int, stream: int, streams: int) -> list[Segment]:
-    """The (shard, start, end) segments stream `stream` of `streams` reads in `epoch`."""
-    order = shard_order(seed, source, epoch, len(plan.docs_per_shard))
-    n = plan.total
-    lo, hi = stream * n // streams, (stream + 1) * n // streams
-    segments, offset = [], 0
-    for shard in order:
-        count = plan.docs_per_shard[shard]
-        a, b = max(lo, offset), min(hi, offset + count)
-        if a < b:
-            segments.append((int(shard), a - offset, b - offset))
-        offset += count
-        if offset >= hi:
-            break
-    return segments
+class EpochLayout:
+    """A source's documents in one epoch: shard k of the epoch's order covers positions
+    [starts[k], starts[k + 1])."""
+
+    def __init__(self, shards: SourceShards, seed: int, source: int, epoch: int) -> None:
+        self.order = shard_order(seed, source, epoch, len(shards.docs_per_shard))
+        counts = np.asarray(shards.docs_per_shard, dtype=np.int64)[self.order]
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+
+    @property
+    def total(self) -> int:
+        return int(self.starts[-1])
+
+    def runs(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """(shard index in the manifest, first doc, end doc) pieces covering positions [lo, hi)."""
+        k = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        while lo < hi:
+            end = min(hi, int(self.starts[k + 1]))
+            if end > lo:
+                yield int(self.order[k]), lo - int(self.starts[k]), end - int(self.starts[k])
+            lo = end
+            k += 1
+
+
+def share(total: int, stream: int, streams: int) -> tuple[int, int]:
+    return stream * total // streams, (stream + 1) * total // streams
+
+
+def block_order(seed: int, source: int, epoch: int, streams: int, stream: int, block: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, source, epoch + 1, streams, stream, block, 0xB10C]).permutation(n)
 
 
 @dataclasses.dataclass
 class Cursor:
-    """Where one stream stands in one source: an epoch's segment list, or pending work first."""
+    """Where one reader of one layout's share of one source stands."""
 
+    streams: int  # S of the layout whose share this is
+    stream: int  # s in [0, S)
     epoch: int = 0
-    segment: int = 0  # index into the epoch's segments
-    block: int = 0  # shuffle block within that segment
+    block: int = 0  # shuffle block within the epoch's share
     offset: int = 0  # documents of that block already emitted
-    pending: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # re-split work, done first
+    until: int = OPEN  # last epoch to read (a re-split cursor); OPEN: the stream's own, epoch after epoch
 
-    def to_json(self) -> dict[str, Any]:
-        # Not dataclasses.asdict: its deep copy was a third of a stream's time (a state per batch).
-        # Pending items are only ever popped whole, never changed, so copying the dicts suffices.
-        return {"epoch": self.epoch, "segment": self.segment, "block": self.block, "offset": self.offset,
-                "pending": [dict(p) for p in self.pending]}
+    def to_json(self) -> list[int]:
+        return [self.streams, self.stream, self.epoch, self.block, self.offset, self.until]
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Cursor:
-        return cls(**d)
+    def from_json(cls, d: list[int]) -> Cursor:
+        return cls(*d)
+
+    @property
+    def finished(self) -> bool:
+        return self.until != OPEN and self.epoch > self.until
+
+    def lanes_of(self, total: int, lanes: int) -> list[tuple[int, int]]:
+        lo, hi = share(total, self.stream, self.streams)
+        n = hi - lo
+        return [(lo + j * n // lanes, lo + (j + 1) * n // lanes) for j in range(lanes)]
+
+    def blocks(self, total: int, lanes: int, block_size: int) -> int:
+        per_lane = -(-block_size // lanes)
+        longest = max((b - a for a, b in self.lanes_of(total, lanes)), default=0)
+        return -(-longest // per_lane)
+
+    def block_positions(self, total: int, lanes: int, block_size: int, seed: int, source: int) -> list[int]:
+        """The epoch positions of the cursor's current block, in the order they are emitted."""
+        per_lane = -(-block_size // lanes)
+        positions: list[int] = []
+        for a, b in self.lanes_of(total, lanes):
+            start = a + self.block * per_lane
+            positions += range(start, min(b, start + per_lane))
+        order = block_order(seed, source, self.epoch, self.streams, self.stream, self.block, len(positions))
+        return [positions[i] for i in order]
 
 
-def remaining_work(plan: SourceShards, cursor: Cursor, seed: int, source: int, stream: int, streams: int,
-                   block_size: int, up_to_epoch: int) -> list[dict[str, Any]]:
-    """Everything `stream` still had to read up to the end of `up_to_epoch`, as pending items:
-    {"samples": [shard, [doc, ...]]} for the partly read (already shuffled) block, {"segment": [...]}
-    for whole unread ranges (read and block-shuffled as usual)."""
-    from moma.pipeline.loader.shard_reader import block_order  # the shuffle of a block, as the stream does it
-
-    items = [dict(p) for p in cursor.pending]
-    segments = epoch_share(plan, seed, source, cursor.epoch, stream, streams)
-    if cursor.segment < len(segments):
-        shard, start, end = segments[cursor.segment]
-        b_start = start + cursor.block * block_size
-        if b_start < end:
-            b_end = min(end, b_start + block_size)
-            order = block_order(seed, source, cursor.epoch, stream, cursor.segment, cursor.block, b_end - b_start)
-            rest = [b_start + int(i) for i in order[cursor.offset:]]
-            if rest:
-                items.append({"samples": [shard, rest]})
-            if b_end < end:
-                items.append({"segment": [shard, b_end, end]})
-        items += [{"segment": list(s)} for s in segments[cursor.segment + 1:]]
-    for epoch in range(cursor.epoch + 1, up_to_epoch + 1):
-        items += [{"segment": list(s)} for s in epoch_share(plan, seed, source, epoch, stream, streams)]
-    return items
+def remaining(cursor: Cursor, shards: SourceShards, lanes: int, block_size: int) -> int:
+    """Documents the cursor has still to emit up to its `until` (OPEN: to the end of its epoch)."""
+    total = shards.total
+    c = dataclasses.replace(cursor)
+    lo, hi = share(total, c.stream, c.streams)
+    per_lane = -(-block_size // lanes)
+    done = sum(min(b - a, c.block * per_lane) for a, b in c.lanes_of(total, lanes)) + c.offset
+    left = (hi - lo) - done
+    last = c.epoch if c.until == OPEN else c.until
+    return max(left, 0) + (last - c.epoch) * (hi - lo) if last >= c.epoch else 0
 
 
-def resplit(plans: list[SourceShards], old_states: list[dict[str, Any]], old_streams: int, new_streams: int,
-            seed: int, block_size: int) -> list[dict[str, Any]]:
-    """New per-stream states for `new_streams` from the saved states of all `old_streams`."""
-    if len(old_states) != old_streams:
-        raise ValueError(f"need the states of all {old_streams} old streams, got {len(old_states)}")
-    new = [{"cursors": [], "leftover": [], "windows": 0, "resplit": True}
-           for _ in range(new_streams)]
-    for m, plan in enumerate(plans):
-        cursors = [Cursor.from_json(st["cursors"][m]) for st in old_states]
-        top = max(c.epoch for c in cursors)
-        pending: list[dict[str, Any]] = []
-        for s, c in enumerate(cursors):
-            pending += remaining_work(plan, c, seed, m, s, old_streams, block_size, top)
-        for s in range(new_streams):
-            new[s]["cursors"].append(Cursor(epoch=top + 1, pending=pending[s::new_streams]).to_json())
-    for s, st in enumerate(old_states):  # half-packed windows: their tokens must still be seen once
-        new[s % new_streams]["leftover"] += list(st["leftover"])
-    return new
+def resplit_cursors(old: list[list[Cursor]], new_streams: int) -> list[list[Cursor]]:
+    """One source: the cursor lists of all old streams (in stream order) -> those of `new_streams`.
+    Every unfinished old cursor is continued, unchanged, up to the most advanced old epoch; each new
+    stream then reads epoch top + 1 onwards under the new layout as its own cursor."""
+    live = [c for cursors in old for c in cursors if not c.finished]
+    top = max((c.epoch for c in live), default=0)
+    handed = [dataclasses.replace(c, until=top if c.until == OPEN else c.until) for c in live]
+    return [handed[s::new_streams] + [Cursor(new_streams, s, epoch=top + 1)] for s in range(new_streams)]

@@ -29,25 +29,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from braceexpand import braceexpand
 
 from moma.pipeline.errors import MomaError
-from moma.pipeline.loader.epoch_plan import SourceShards, resplit
+from moma.pipeline.loader.epoch_plan import SourceShards
 from moma.pipeline.loader.stream import (
     Stream,
     StreamConfig,
     StreamInput,
-    pack_for_transport,
+    fresh_state,
+    resplit_states,
     to_batch,
-    unpack_transported,
 )
 from moma.pipeline.shards.manifest import Manifest
 from moma.tokenizers.vocab import Vocab
 
 log = logging.getLogger("moma.loader")
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +75,7 @@ class DataConfig:
     seq_len: int = 256
     shuffle_buffer: int = 1000  # documents read and shuffled together (memory bound per source)
     num_workers: int = 2  # DataLoader workers per rank; each runs one stream (0: one stream in-process)
+    open_shards: int = 4  # shards one stream reads side by side (its share split into this many lanes)
     keep_images_whole: bool = False  # move an image that a window would cut into the next window
     strict: bool = False  # bad shard data stops the run instead of being counted and skipped
     prefetch_factor: int = 4
@@ -117,11 +117,13 @@ def resolve_source(src: DataSource) -> ResolvedSource:
 
 
 def resolve_sources(data: DataConfig, streams: int, vocab: Vocab | None = None,
-                    consumer: str = "the run's tokenizers") -> list[ResolvedSource]:
+                    consumer: str = "the run's tokenizers", check_files: bool = True) -> list[ResolvedSource]:
     """Every source resolved and checked: the same tokenizers everywhere (against `vocab`, else
     against the first source), a positive weight, at least one document per stream, and shards
     missing on disk (an error when strict, else a warning: they are counted and skipped). The
-    checks `moma train --check` runs before launch and the loader runs again on every rank."""
+    checks `moma train --check` runs before launch and the loader runs again on every rank (without
+    `check_files`: statting 10^5 shards on every rank would cost more than all the rest; a missing
+    shard is found, and counted, when a stream opens it)."""
     if not data.sources:
         raise ValueError("no data sources: give at least one shard directory")
     resolved: list[ResolvedSource] = []
@@ -141,7 +143,7 @@ def resolve_sources(data: DataConfig, streams: int, vocab: Vocab | None = None,
             raise ValueError(f"data.sources {src.path} has {sum(r.docs)} documents but the loader runs {streams} "
                              f"streams (ranks x max(1, data.num_workers)) and every stream needs one: use fewer "
                              f"workers or more data")
-        missing = [p for p in r.shard_paths if not Path(p).exists()]
+        missing = [p for p in r.shard_paths if not Path(p).exists()] if check_files else []
         if missing:
             if data.strict:
                 raise MomaError(f"data.sources {src.path}: {len(missing)} shard(s) listed in "
@@ -174,7 +176,7 @@ class _StreamsDataset(torch.utils.data.IterableDataset):
         batches = iter(Stream(self.sources, self.cfg, stream, self.streams, self.states.get(stream)))
         size = self.first_chunk if worker == 0 else self.chunk
         while True:
-            yield pack_for_transport([next(batches) for _ in range(size)])
+            yield [next(batches) for _ in range(size)]  # states are small: no leftover tokens travel
             size = self.chunk
 
 
@@ -186,11 +188,12 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.per_rank = data.streams_per_rank
         self.streams = world_size * self.per_rank
-        self.resolved = resolve_sources(data, self.streams, vocab, consumer)
+        # shards are statted only in strict mode (at 10^5 shards that is the slowest part of start-up)
+        self.resolved = resolve_sources(data, self.streams, vocab, consumer, check_files=data.strict)
         self.vocab = vocab or self.resolved[0].manifest.vocab
         self.stream_cfg = StreamConfig(data=data, batch_size=batch_size, seed=seed, vocab_size=self.vocab.size,
                                        pad_id=self.vocab.pad_id, boi_id=self.vocab.boi_id, eoi_id=self.vocab.eoi_id)
-        self.plans = [SourceShards(r.docs) for r in self.resolved]
+        self.plans = [SourceShards(r.docs, tuple(Path(p).name for p in r.shard_paths)) for r in self.resolved]
         self.stream_sources = [StreamInput(r.shard_paths, plan, draw)
                                for r, plan, draw in zip(self.resolved, self.plans, self._draw_weights())]
         self.consumed = 0
@@ -226,17 +229,21 @@ class PackedLoader:
                                   self.chunk - into_chunk)
         if self.cfg.num_workers > 0:
             # collate_fn=_as_is: keep the workers' numpy arrays (default_convert would make tensors there)
+            # generator: the DataLoader draws its workers' base seed from this, not from torch's global RNG,
+            # so creating an iterator after a resume's set_rng_state leaves the training RNG untouched
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                                  prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
-                                                 collate_fn=_as_is)
+                                                 collate_fn=_as_is, generator=self._dataloader_generator())
         else:
             loader = dataset  # type: ignore[assignment]
         for chunk in loader:
             for raw in chunk:
-                raw = unpack_transported(raw)
                 self.stream_states[raw["stream"]] = raw.pop("state")
                 self.consumed += 1
                 yield to_batch(raw, self.stream_cfg.pad_id)
+
+    def _dataloader_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
 
     def bad_counts(self) -> dict[str, int]:
         """Skipped bad data so far, by reason, over this rank's streams."""
@@ -247,40 +254,44 @@ class PackedLoader:
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers only (loadable with torch.load(weights_only=True))."""
+        """Plain containers only (loadable with torch.load(weights_only=True)); a few hundred bytes
+        per stream whatever the number of shards or the length of documents."""
         return {"version": STATE_VERSION, "world_size": self.world_size, "per_rank": self.per_rank,
-                "rank": self.rank, "consumed": self.consumed, "seed": self.seed,
-                "shuffle_buffer": self.cfg.shuffle_buffer,
-                "sources": [[str(r.directory), list(r.docs)] for r in self.resolved],
-                "streams": {int(k): _plain(v) for k, v in self.stream_states.items()}}
+                "rank": self.rank, "consumed": self.consumed, "seed": self.seed, "batch_size": self.batch_size,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "open_shards": self.cfg.open_shards,
+                "sources": [[str(r.directory), plan.digest, plan.total] for r, plan in zip(self.resolved, self.plans)],
+                "streams": {int(k): v for k, v in self.stream_states.items()}}
 
     def _restore(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """One rank's saved state (same layout), or all ranks' states (any layout: re-split)."""
         states = state if isinstance(state, list) else [state]
         for st in states:
             if st.get("version") != STATE_VERSION:
-                raise ValueError(f"loader state version {st.get('version')} != {STATE_VERSION}")
-            if st["seed"] != self.seed or st["shuffle_buffer"] != self.cfg.shuffle_buffer or \
-                    [d for _, d in st["sources"]] != [list(r.docs) for r in self.resolved]:
-                raise ValueError("the saved loader state belongs to other data, seed or shuffle buffer; "
+                raise ValueError(f"loader state version {st.get('version')} != {STATE_VERSION}: it was written by "
+                                 f"another version of the loader")
+            if (st["seed"], st["shuffle_buffer"], st["open_shards"]) != \
+                    (self.seed, self.cfg.shuffle_buffer, self.cfg.open_shards) or \
+                    [d for _, d, _ in st["sources"]] != [p.digest for p in self.plans]:
+                raise ValueError("the saved loader state belongs to other data, seed, shuffle buffer or open shards; "
                                  "resuming it would not continue the same stream")
         old_world, old_per_rank = states[0]["world_size"], states[0]["per_rank"]
-        if (old_world, old_per_rank) == (self.world_size, self.per_rank):
-            mine = next((st for st in states if st["rank"] == self.rank), None)
-            if mine is None:
-                raise ValueError(f"no saved loader state for rank {self.rank}")
+        same = (old_world, old_per_rank, states[0]["batch_size"]) == (self.world_size, self.per_rank, self.batch_size)
+        mine = next((st for st in states if st["rank"] == self.rank), None)
+        if same and mine is not None:
             self.consumed = mine["consumed"]
             self.stream_states = {int(k): v for k, v in mine["streams"].items()}
             return
         if len(states) != old_world:
-            raise ValueError(f"resuming onto another layout needs the loader states of all {old_world} ranks")
+            raise ValueError(f"re-splitting the loader ({old_world} ranks x {old_per_rank} streams -> "
+                             f"{self.world_size} x {self.per_rank}) needs the loader states of all {old_world} old "
+                             f"ranks, got {len(states)}")
         old_streams = old_world * old_per_rank
         by_stream: dict[int, Any] = {}
         for st in states:
             by_stream.update({int(k): v for k, v in st["streams"].items()})
-        fresh = Stream(self.stream_sources, self.stream_cfg, 0, old_streams).state()  # never-consumed streams
-        old = [by_stream.get(s, _plain(fresh)) for s in range(old_streams)]
-        new = resplit(self.plans, old, old_streams, self.streams, self.seed, self.cfg.shuffle_buffer)
+        old = [by_stream.get(s) or fresh_state(len(self.plans), s, old_streams, states[0]["batch_size"])
+               for s in range(old_streams)]
+        new = resplit_states(old, self.streams, self.batch_size)
         if self.rank == 0:  # skipped-data counters live on
             new[0]["bad"] = dict(sum((Counter(o.get("bad", {})) for o in old), Counter()))
         self.consumed = 0
@@ -291,9 +302,3 @@ class PackedLoader:
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
-
-
-def _plain(state: dict[str, Any]) -> dict[str, Any]:
-    out = dict(state)
-    out["leftover"] = np.asarray(state["leftover"]).astype(np.int64).tolist()
-    return out

@@ -1,11 +1,10 @@
-"""Reading documents out of one shard segment, a shuffle block at a time.
+"""Reading documents out of one shard by index.
 
-Tars are read sequentially with a lean member reader (shards/tar_reader.py; skipping to a segment's first
-document reads only headers). A block of `block_size` documents is read into memory and emitted in
-an order drawn from a seed that names the block, so a resumed reader re-reads the block and gets the
-same order. Bad data is counted (by reason), logged with shard and key, and skipped — or raised in
-strict mode: a shard missing on disk or empty, a truncated tar, a member that is not a valid .npy,
-a token id outside the vocabulary.
+Tars are read sequentially with a lean member reader (shards/tar_reader.py; skipping to a document
+reads only headers). Which documents a stream reads, and in which order, is epoch_plan.py's
+business. Bad data is counted (by reason), logged with shard, key and byte offset, and skipped — or
+raised in strict mode: a shard missing on disk or empty, a truncated tar, a member that is not a
+valid .npy, a token id outside the vocabulary.
 """
 
 from __future__ import annotations
@@ -27,14 +26,6 @@ log = logging.getLogger("moma.loader")
 
 class ShardDataError(MomaError):
     """Bad shard data in strict mode."""
-
-
-def block_order(seed: int, source: int, epoch: int, stream: int, segment: int, block: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, source, epoch + 1, stream, segment, block, 0xB10C]).permutation(n)
-
-
-def pending_order(seed: int, source: int, shard: int, start: int, end: int, block: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, source, shard, start, end, block, 0x9E4D]).permutation(n)
 
 
 class SegmentReader:

@@ -1,16 +1,22 @@
-"""One stream: mix the sources' documents, pack them into windows, batch the windows — with a state
-after every batch from which the exact continuation can be rebuilt.
+"""One stream: mix the sources' documents, pack them into windows, batch the windows — with a small
+state after every batch from which the exact continuation can be rebuilt.
 
 Documents of the stream's sources are drawn by a seeded weighted coin (its generator state is part
-of the stream state), concatenated, and cut into windows of seq_len + 1 tokens: a document longer
-than a window continues in the next; with keep_images_whole, a cut that would fall inside a
-<|boi|> ... <|eoi|> span moves the span to the next window and pads (a span longer than a window
-is cut anyway). input_ids = window[:-1], labels = window[1:], pad labels = -100.
+of the stream state) and handed to `batch_size` independent packers, one per batch row: a row's
+packer takes the next document whenever its window needs more tokens, so the rows of a batch come
+from different documents (a long book fills one row batch after batch, not whole batches). Each
+packer cuts its documents into windows of seq_len + 1 tokens: a document longer than a window
+continues in that row's next window; with keep_images_whole, a cut that would fall inside a
+<|boi|> ... <|eoi|> span moves the span to the next window and pads (a span longer than a window is
+cut anyway). input_ids = window[:-1], labels = window[1:], pad labels = -100.
+
+State (a few hundred bytes, whatever the data): per source its cursors (epoch_plan.Cursor), the
+coin's generator state, and per packer the pieces of documents it still holds as references
+(source, shard, document, first token, end token) — never the tokens themselves.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator
@@ -20,19 +26,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moma.pipeline.loader.epoch_plan import Cursor, SourceShards, epoch_share
-from moma.pipeline.loader.shard_reader import SegmentReader, ShardDataError, block_order, pending_order
+from moma.pipeline.loader.epoch_plan import OPEN, Cursor, EpochLayout, SourceShards, resplit_cursors
+from moma.pipeline.loader.shard_reader import SegmentReader, ShardDataError
 from moma.tokenizers.vocab import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from moma.pipeline.loader.loader import DataConfig
 
+Ref = tuple[int, int, int]  # (source, shard, document): a document anywhere in the data
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamInput:
+    """A source as every stream sees it: its shard files, their document counts, its draw weight."""
+
     shard_paths: tuple[str, ...]
-    plan: SourceShards
+    shards: SourceShards
     weight: float
 
 
@@ -57,6 +66,10 @@ class StreamConfig:
         return self.data.shuffle_buffer
 
     @property
+    def lanes(self) -> int:  # shards read side by side by one stream
+        return self.data.open_shards
+
+    @property
     def keep_images_whole(self) -> bool:
         return self.data.keep_images_whole
 
@@ -66,96 +79,61 @@ class StreamConfig:
 
 
 class SourceDocuments:
-    """Endless documents of one source for one stream (epoch after epoch), advancing its cursor."""
+    """Endless documents of one source for one stream: its re-split cursors first, then its own,
+    epoch after epoch, a shuffle block at a time."""
 
-    def __init__(self, src: StreamInput, index: int, cfg: StreamConfig, stream: int, streams: int, cursor: Cursor,
-                 bad: Counter) -> None:
+    def __init__(self, src: StreamInput, index: int, cfg: StreamConfig, cursors: list[Cursor], bad: Counter,
+                 readers: ShardReaders) -> None:
         self.src, self.index, self.cfg = src, index, cfg
-        self.stream, self.streams = stream, streams
-        self.cursor = cursor
+        self.cursors = cursors
         self.bad = bad
-        self._readers: dict[tuple, SegmentReader] = {}
-        self._block: list[tuple[str, np.ndarray] | None] = []
+        self.readers = readers
+        self._layouts: dict[int, EpochLayout] = {}
+        self._block: list[tuple[Ref, tuple[str, np.ndarray]] | None] = []
         self._block_id: tuple | None = None
-        self._share: tuple[int, list] = (-1, [])  # (epoch, its segments for this stream)
 
-    def _work(self) -> tuple[tuple, int, int, int] | None:
-        """The current unit of work, (id, shard, start, end), or None when the epoch share is done.
-        Pending (re-split) work comes first: whole segments, or explicit documents ("samples")."""
-        c = self.cursor
-        if c.pending:
-            item = c.pending[0]
-            if "samples" in item:
-                shard, docs = item["samples"]
-                return ("samples", shard, tuple(docs)), shard, 0, len(docs)
-            shard, start, end = item["segment"]
-            return ("pending", shard, start, end), shard, start, end
-        if self._share[0] != c.epoch:  # asked once per document; the share changes once per epoch
-            self._share = (c.epoch, epoch_share(self.src.plan, self.cfg.seed, self.index, c.epoch, self.stream,
-                                                self.streams))
-        segments = self._share[1]
-        if c.segment >= len(segments):
-            return None
-        shard, start, end = segments[c.segment]
-        return ("epoch", c.epoch, c.segment), shard, start, end
+    def _layout(self, epoch: int) -> EpochLayout:
+        if epoch not in self._layouts:
+            if len(self._layouts) > 4:
+                self._layouts.clear()
+            self._layouts[epoch] = EpochLayout(self.src.shards, self.cfg.seed, self.index, epoch)
+        return self._layouts[epoch]
 
-    def _reader(self, work_id: tuple, shard: int) -> SegmentReader:
-        if work_id not in self._readers:
-            for r in self._readers.values():
-                r.close()
-            self._readers = {work_id: SegmentReader(Path(self.src.shard_paths[shard]), self.cfg.vocab_size,
-                                                    self.bad, self.cfg.strict)}
-        return self._readers[work_id]
+    def _load_block(self, c: Cursor) -> None:
+        """Read the cursor's block: each lane's next documents, in sequence from its shards; then
+        keep them in the block's shuffled order."""
+        layout = self._layout(c.epoch)
+        positions = c.block_positions(layout.total, self.cfg.lanes, self.cfg.block_size, self.cfg.seed, self.index)
+        got: dict[int, tuple[Ref, tuple[str, np.ndarray]] | None] = {}
+        for lane, (lo, hi) in enumerate(_runs_of(sorted(positions))):  # a lane's documents are consecutive
+            pos = lo
+            for shard, first, end in layout.runs(lo, hi):
+                for i, item in enumerate(self.readers.read(("lane", lane), self.index, shard, first, end - first)):
+                    got[pos] = None if item is None else ((self.index, shard, first + i), item)
+                    pos += 1
+        self._block = [got[p] for p in positions]
 
-    def _load_block(self, work_id: tuple, shard: int, start: int, end: int) -> int:
-        """Read the cursor's block; return its length (0 if the unit is finished)."""
-        c, size = self.cursor, self.cfg.block_size
-        if work_id[0] == "samples":  # a re-split remainder: explicit documents, already in their order
-            docs = work_id[2][c.block * size:(c.block + 1) * size]
-            reader = self._reader(work_id, shard)
-            self._block = [reader.read(d, 1)[0] for d in docs]
-            return len(docs)
-        b_start = start + c.block * size
-        if b_start >= end:
-            return 0
-        b_end = min(end, b_start + size)
-        raw = self._reader(work_id, shard).read(b_start, b_end - b_start)
-        if work_id[0] == "epoch":
-            order = block_order(self.cfg.seed, self.index, c.epoch, self.stream, c.segment, c.block, len(raw))
-        else:
-            order = pending_order(self.cfg.seed, self.index, shard, start, end, c.block, len(raw))
-        self._block = [raw[i] for i in order]
-        return len(raw)
-
-    def _advance_unit(self) -> None:
-        c = self.cursor
-        if c.pending:
-            c.pending.pop(0)
-        else:
-            c.segment += 1
-        c.block = c.offset = 0
-        self._block_id = None
-
-    def next_document(self) -> tuple[str, np.ndarray]:
+    def next_document(self) -> tuple[Ref, tuple[str, np.ndarray], int]:
+        """The next readable document: its reference, (key, tokens), and the epoch it belongs to."""
         empty_epochs = 0
         while True:
-            work = self._work()
-            c = self.cursor
-            if work is None:  # this stream's share of the epoch is done
-                c.epoch, c.segment, c.block, c.offset = c.epoch + 1, 0, 0, 0
-                empty_epochs += 1
-                if empty_epochs > 2:  # whole epochs without one readable document: do not spin forever
-                    raise ShardDataError(f"source {self.index} gave stream {self.stream} no readable document in "
-                                         f"{empty_epochs} epochs (bad data so far: {dict(self.bad)})")
-                continue
-            work_id, shard, start, end = work
-            block_id = (work_id, c.block)
+            c = next((c for c in self.cursors if not c.finished), None)
+            if c is None:  # cannot happen: the stream's own cursor is open-ended
+                raise RuntimeError("no open cursor")
+            block_id = (id(c), c.epoch, c.block)
             if self._block_id != block_id:
-                n = self._load_block(work_id, shard, start, end)
-                self._block_id = block_id
-                if n == 0:
-                    self._advance_unit()
+                total = self._layout(c.epoch).total
+                if c.block >= c.blocks(total, self.cfg.lanes, self.cfg.block_size):
+                    c.epoch, c.block, c.offset = c.epoch + 1, 0, 0  # this share of the epoch is done
+                    if c.until == OPEN:
+                        empty_epochs += 1
+                        if empty_epochs > 2:  # whole epochs without one readable document: do not spin
+                            raise ShardDataError(f"source {self.index} gave stream {c.stream} of {c.streams} no "
+                                                 f"readable document in {empty_epochs} epochs (bad data so far: "
+                                                 f"{dict(self.bad)})")
                     continue
+                self._load_block(c)
+                self._block_id = block_id
             if c.offset >= len(self._block):
                 c.block += 1
                 c.offset = 0
@@ -163,112 +141,196 @@ class SourceDocuments:
             item = self._block[c.offset]
             c.offset += 1
             if item is not None:
-                return item
+                return item[0], item[1], c.epoch
+
+
+def _runs_of(sorted_positions: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive positions, as [lo, hi) ranges."""
+    runs: list[tuple[int, int]] = []
+    for p in sorted_positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+class ShardReaders:
+    """Open shard readers, by purpose: one per lane of each source (read forward, so a lane streams
+    through its shard), one per source for documents that packers restore from references."""
+
+    def __init__(self, sources: list[StreamInput], cfg: StreamConfig, bad: Counter) -> None:
+        self.sources, self.cfg, self.bad = sources, cfg, bad
+        self._open: dict[tuple, tuple[int, SegmentReader]] = {}
+
+    def read(self, purpose: tuple, source: int, shard: int, first: int, count: int
+             ) -> list[tuple[str, np.ndarray] | None]:
+        key = (*purpose, source)
+        held = self._open.get(key)
+        if held is None or held[0] != shard:
+            if held is not None:
+                held[1].close()
+            path = Path(self.sources[source].shard_paths[shard])
+            held = self._open[key] = (shard, SegmentReader(path, self.cfg.vocab_size, self.bad, self.cfg.strict))
+        return held[1].read(first, count)
+
+    def close(self) -> None:
+        for _, reader in self._open.values():
+            reader.close()
+        self._open.clear()
+
+
+@dataclasses.dataclass
+class Piece:
+    """Tokens [start, end) of one document that a packer still holds."""
+
+    ref: Ref
+    tokens: np.ndarray  # the whole document (in memory only; the state holds `ref`, start, end)
+    start: int
+    end: int
+
+    def to_json(self) -> list[int]:
+        return [*self.ref, self.start, self.end]
+
+
+class Packer:
+    """One batch row: documents -> windows of seq_len + 1 tokens."""
+
+    def __init__(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+
+    def window(self, cfg: StreamConfig, next_doc: Any, started: list[tuple[str, int]]) -> np.ndarray:
+        need = cfg.seq_len + 1
+        have = sum(p.end - p.start for p in self.pieces)
+        while have < need:
+            key, ref, tokens, epoch = next_doc()
+            started.append((key, epoch))
+            self.pieces.append(Piece(ref, tokens, 0, int(tokens.size)))
+            have += tokens.size
+        buf = np.concatenate([p.tokens[p.start:p.end] for p in self.pieces])
+        cut = _image_safe_cut(buf, need, cfg) if cfg.keep_images_whole else need
+        window = buf[:cut]
+        self._consume(cut)
+        if cut < need:
+            window = np.concatenate([window, np.full(need - cut, cfg.pad_id, dtype=np.uint32)])
+        return window
+
+    def _consume(self, n: int) -> None:
+        while n > 0:
+            p = self.pieces[0]
+            take = min(n, p.end - p.start)
+            p.start += take
+            n -= take
+            if p.start >= p.end:
+                self.pieces.pop(0)
+
+
+def _image_safe_cut(buf: np.ndarray, need: int, cfg: StreamConfig) -> int:
+    head = buf[:need]
+    boi = np.flatnonzero(head == cfg.boi_id)
+    if boi.size == 0:
+        return need
+    last = int(boi[-1])
+    if np.any(head[last:] == cfg.eoi_id) or last == 0:
+        return need  # the last image closes inside the window (or fills it from its start)
+    span_end = np.flatnonzero(buf[last:] == cfg.eoi_id)
+    span = int(span_end[0]) + 1 if span_end.size else buf.size - last
+    return last if span <= need else need  # a span longer than a window is cut anyway
 
 
 class Stream:
-    """The documents -> windows -> batches pipeline of one stream, with its resumable state."""
+    """The documents -> packers -> batches pipeline of one stream, with its resumable state."""
 
     def __init__(self, sources: list[StreamInput], cfg: StreamConfig, stream: int, streams: int,
                  state: dict[str, Any] | None = None) -> None:
         self.cfg, self.stream, self.streams = cfg, stream, streams
-        state = copy.deepcopy(state) if state else {}
-        cursors = [Cursor.from_json(c) for c in state.get("cursors", [])] or [Cursor() for _ in sources]
+        state = state or {}
         self.bad: Counter = Counter(state.get("bad", {}))
-        self.sources = [SourceDocuments(s, m, cfg, stream, streams, cursors[m], self.bad)
+        self.readers = ShardReaders(sources, cfg, self.bad)
+        cursors = [[Cursor.from_json(c) for c in cs] for cs in state["cursors"]] if "cursors" in state else \
+            [[Cursor(streams, stream)] for _ in sources]
+        self.sources = [SourceDocuments(s, m, cfg, cursors[m], self.bad, self.readers)
                         for m, s in enumerate(sources)]
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.weights = weights / weights.sum()
-        self.rng = np.random.default_rng([cfg.seed, stream, streams, 0x313C] + ([7] if state.get("resplit") else []))
+        self.generation = int(state.get("generation", 0))  # re-splits so far: a fresh coin after each
+        self.rng = np.random.default_rng([cfg.seed, stream, streams, 0x313C, self.generation])
         if "mix_rng" in state:
             self.rng.bit_generator.state = state["mix_rng"]
-        self.leftover = np.asarray(state.get("leftover", []), dtype=np.uint32)  # the window being packed
+        refs = state.get("packers", [[] for _ in range(cfg.batch_size)])
+        self.packers = [Packer(self._restore_pieces(pieces)) for pieces in refs]
         self.windows = int(state.get("windows", 0))
 
-    def state(self) -> dict[str, Any]:
-        return {"cursors": [s.cursor.to_json() for s in self.sources], "mix_rng": self.rng.bit_generator.state,
-                "leftover": self.leftover, "windows": self.windows,
-                "bad": dict(self.bad)}
+    def _restore_pieces(self, pieces: list[list[int]]) -> list[Piece]:
+        """Re-read the documents a packer held (by reference) when the state was taken."""
+        out = []
+        for m, shard, doc, start, end in pieces:
+            item = self.readers.read(("ref",), m, shard, doc, 1)[0]
+            if item is not None and item[1].size >= end:
+                out.append(Piece((m, shard, doc), item[1], start, end))
+        return out
 
-    def _next_doc(self) -> tuple[str, np.ndarray]:
+    def state(self) -> dict[str, Any]:
+        return {"cursors": [[c.to_json() for c in s.cursors] for s in self.sources],
+                "mix_rng": self.rng.bit_generator.state, "generation": self.generation,
+                "packers": [[p.to_json() for p in packer.pieces] for packer in self.packers],
+                "windows": self.windows, "bad": dict(self.bad)}
+
+    def _next_doc(self) -> tuple[str, Ref, np.ndarray, int]:
         """The next document of a source drawn by weight; its key as "source index:shard key"
         (keys are unique within one shard directory, not across several)."""
         m = int(self.rng.choice(len(self.sources), p=self.weights)) if len(self.sources) > 1 else 0
-        key, tokens = self.sources[m].next_document()
-        return f"{m}:{key}", tokens
-
-    def _window(self, started: list[str]) -> np.ndarray:
-        need = self.cfg.seq_len + 1
-        parts, have = [self.leftover], self.leftover.size
-        while have < need:
-            key, tokens = self._next_doc()
-            started.append(key)
-            parts.append(tokens)
-            have += tokens.size
-        buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        cut = need
-        if self.cfg.keep_images_whole:
-            cut = self._image_safe_cut(buf, need)
-        window = buf[:cut]
-        self.leftover = buf[cut:]
-        if cut < need:
-            window = np.concatenate([window, np.full(need - cut, self.cfg.pad_id, dtype=np.uint32)])
-        self.windows += 1
-        return window
-
-    def _image_safe_cut(self, buf: np.ndarray, need: int) -> int:
-        head = buf[:need]
-        boi = np.flatnonzero(head == self.cfg.boi_id)
-        if boi.size == 0:
-            return need
-        last = int(boi[-1])
-        if np.any(head[last:] == self.cfg.eoi_id) or last == 0:
-            return need  # the last image closes inside the window (or fills it from its start)
-        span_end = np.flatnonzero(buf[last:] == self.cfg.eoi_id)
-        span = int(span_end[0]) + 1 if span_end.size else buf.size - last
-        return last if span <= need else need  # a span longer than a window is cut anyway
+        ref, (key, tokens), epoch = self.sources[m].next_document()
+        return f"{m}:{key}", ref, tokens, epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Raw batches: `windows` [B, seq_len + 1] uint32, numpy (see `to_batch`)."""
+        """Raw batches: `windows` [B, seq_len + 1] uint32, numpy (see `to_batch`); the documents that
+        start in the batch (`doc_keys`), with the row each starts in and the epoch it belongs to."""
         while True:
-            started: list[str] = []
-            windows = np.stack([self._window(started) for _ in range(self.cfg.batch_size)])
-            yield {"windows": windows, "doc_keys": started, "stream": self.stream, "state": self.state()}
+            keys, rows, epochs = [], [], []
+            windows = []
+            for row, packer in enumerate(self.packers):
+                started: list[tuple[str, int]] = []
+                windows.append(packer.window(self.cfg, self._next_doc, started))
+                keys += [k for k, _ in started]
+                epochs += [e for _, e in started]
+                rows += [row] * len(started)
+            self.windows += len(self.packers)
+            yield {"windows": np.stack(windows), "doc_keys": keys, "doc_rows": rows, "doc_epochs": epochs,
+                   "stream": self.stream, "state": self.state()}
 
 
-def pack_for_transport(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A chunk of raw batches, ready to pickle. Each state carries its leftover (the unconsumed
-    tail of the window being packed: up to a whole long document). The leftovers of consecutive
-    batches are suffixes of one concatenation, so each is sent as (shared tail, offset), the shared
-    tail starting at the chunk's first use of that concatenation: pickle sends it once."""
-    shared: dict[int, tuple[np.ndarray, int]] = {}  # id(owner) -> (owner, smallest offset in the chunk)
-    placed = []
-    for raw in chunk:
-        leftover = raw["state"]["leftover"]
-        owner = leftover.base if isinstance(leftover.base, np.ndarray) else leftover
-        offset = (leftover.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // owner.itemsize
-        if owner.ndim != 1 or owner.dtype != leftover.dtype or offset + leftover.size != owner.size:
-            placed.append(None)  # not a suffix of its owner: sent as it is
-            continue
-        placed.append((id(owner), offset))
-        if id(owner) not in shared or offset < shared[id(owner)][1]:
-            shared[id(owner)] = (owner, offset)
-    tails = {key: owner[offset:] for key, (owner, offset) in shared.items()}
-    out = []
-    for raw, place in zip(chunk, placed):
-        if place is not None:
-            key, offset = place
-            raw = {**raw, "state": {**raw["state"], "leftover": ("suffix", tails[key], offset - shared[key][1])}}
-        out.append(raw)
-    return out
+def fresh_state(sources: int, stream: int, streams: int, batch_size: int) -> dict[str, Any]:
+    """The state of a stream that has not been read yet."""
+    return {"cursors": [[Cursor(streams, stream).to_json()] for _ in range(sources)],
+            "packers": [[] for _ in range(batch_size)], "generation": 0, "windows": 0, "bad": {}}
 
 
-def unpack_transported(raw: dict[str, Any]) -> dict[str, Any]:
-    leftover = raw["state"]["leftover"]
-    if isinstance(leftover, tuple):
-        _, owner, offset = leftover
-        raw["state"]["leftover"] = owner[offset:]
-    return raw
+def own_epoch(state: dict[str, Any], source: int = 0) -> int:
+    """The epoch a stream's own cursor of `source` is in (after any re-split work)."""
+    return state["cursors"][source][-1][2]
+
+
+def reading_epoch(state: dict[str, Any], epoch: int, source: int = 0) -> bool:
+    """Whether the stream may still emit documents of `epoch` (or earlier) from `source`."""
+    return any(not c.finished and c.epoch <= epoch for c in map(Cursor.from_json, state["cursors"][source]))
+
+
+def resplit_states(old: list[dict[str, Any]], new_streams: int, batch_size: int) -> list[dict[str, Any]]:
+    """The states of all old streams (in stream order) -> states of `new_streams` streams: every
+    unfinished cursor continued by one new stream (epoch_plan.resplit_cursors), every token a packer
+    still held dealt to one new packer, a fresh mixing coin (generation + 1)."""
+    generation = max((int(st.get("generation", 0)) for st in old), default=0) + 1
+    new = [{"cursors": [], "packers": [[] for _ in range(batch_size)], "generation": generation, "windows": 0,
+            "bad": {}} for _ in range(new_streams)]
+    for m in range(len(old[0]["cursors"])):
+        per_stream = resplit_cursors([[Cursor.from_json(c) for c in st["cursors"][m]] for st in old], new_streams)
+        for s, cursors in enumerate(per_stream):
+            new[s]["cursors"].append([c.to_json() for c in cursors])
+    held = [pieces for st in old for pieces in st["packers"] if pieces]
+    for k, pieces in enumerate(held):
+        new[k % new_streams]["packers"][(k // new_streams) % batch_size] += [list(p) for p in pieces]
+    return new
 
 
 def to_batch(raw: dict[str, Any], pad_id: int) -> dict[str, Any]:

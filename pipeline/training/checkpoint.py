@@ -1,23 +1,44 @@
-"""Checkpoints: DeepSpeed's own (per-expert files, ZeRO partitions) plus our client state, a
-`latest` that only ever names a complete checkpoint, and a layout-free "universal" copy.
+"""Checkpoints: DeepSpeed's own (per-expert files, ZeRO partitions) plus our state, a `latest` that
+only ever names a complete checkpoint, and an optional layout-free "universal" copy.
 
-    ckpt/global_step200/            DeepSpeed's files: mp_rank_00_model_states.pt (+ client state),
-                                    layer_*_expert_*_mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt
-    ckpt/global_step200/universal/  rank*.pt: every parameter under its global name with its fp32 master
-                                    value and Adam moments (written by the rank that owns it)
-    ckpt/global_step200/complete    written after every rank finished
+    ckpt/global_step200/            DeepSpeed's files: mp_rank_00_model_states.pt (+ the run's shared
+                                    client state), layer_*_expert_*_mp_rank_00_model_states.pt,
+                                    zero_pp_rank_*_optim_states.pt
+    ckpt/global_step200/client/rank00003.pt   each rank's own loader state and RNG states (written by
+                                    that rank: nothing is gathered; tensors, lists and ints only)
+    ckpt/global_step200/universal/  rank*.safetensors: every parameter under its global
+                                    name with fp32 value and Adam moments (see `checkpoint.universal`)
+    ckpt/global_step200/complete    JSON (step, write time, layout), written after every rank's files
+                                    are on disk (fsynced, with their directories)
     ckpt/latest                     the tag, written atomically after `complete`
 
-Resuming on the same world size and expert-parallel size goes through DeepSpeed's load_checkpoint
-(exact). On another layout DeepSpeed's MoE path fails (DeepSpeed issue #5716, and ds_to_universal
-fails for ep > 1), so the engine is built fresh and every parameter and Adam moment is set from the
-universal copy by its global name (`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`).
+* A tag is never reused: saving step 200 again after a rollback writes `global_step200-v2`; the
+  checkpoints are ordered by write time, not by step, for keep-K and for `--resume auto`, and
+  `latest`'s target is never deleted.
+* `--resume auto` takes `latest`; when it is missing or names a checkpoint that is not complete, the
+  newest complete checkpoint (by write time), with a warning naming what was wrong.
+* Same world size and expert-parallel size: DeepSpeed's `load_checkpoint` (exact). Another layout:
+  DeepSpeed's MoE path fails (its issue #5716; `ds_to_universal` fails for ep > 1), so a fresh engine
+  is filled from the universal copy, each rank reading (memory-mapped) only the tensors it owns.
+  The universal copy costs as much as the model's fp32 weights and moments again (~124 GB at 1.4b
+  4t4i), so by default it is written only at the last save of a launch (end, stop_at_step,
+  preemption, non-finite stop): the checkpoint a resized job resumes from. `checkpoint.universal:
+  always` writes it every time, `never` not at all.
+* Loading never unpickles arbitrary objects: every file goes through torch.load(weights_only=True),
+  with the few DeepSpeed classes its optimizer files hold allow-listed (also for DeepSpeed's own
+  load_checkpoint, through its checkpoint engine). A file holding anything else is refused, naming it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import pickle
 import random
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +48,71 @@ import torch.distributed as dist
 
 from moma.pipeline.errors import MomaError
 from moma.pipeline.training.expert_layout import ExpertLayout, is_expert_param
-from moma.tokenizers.fileio import atomic_write
+from moma.tokenizers.fileio import atomic_write, write_json_atomic
+
+log = logging.getLogger("moma.checkpoint")
 
 LATEST = "latest"
 COMPLETE = "complete"
 UNIVERSAL = "universal"
+CLIENT = "client"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+UNIVERSAL_POLICIES = ("final", "always", "never")
+_TAG = re.compile(r"^global_step(\d+)(?:-v(\d+))?$")
 
 
 class CheckpointError(MomaError):
     pass
 
 
+# --- loading without arbitrary unpickling ---------------------------------------------------------
+
+def _safe_globals() -> list[Any]:
+    """The classes DeepSpeed 0.19 puts in its optimizer-state files (ZeRO 1/2, bf16)."""
+    out: list[Any] = []
+    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        out += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return out
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True (tensors, containers, numbers, strings and the allow-listed
+    DeepSpeed classes). Anything else is refused with the file's name."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: refusing to unpickle it: it holds objects outside the allow-list "
+                              f"({' '.join(first[-3:])[:300]}). Only checkpoints written by `moma train` are "
+                              f"read; convert others first") from None
+
+
+def install_safe_loading(engine: Any) -> None:
+    """Make DeepSpeed's own load_checkpoint read every file with `safe_load`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_load(path, map_location)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.__class__ = SafeTorchCheckpointEngine
+
+
+# --- RNG states as plain data (loadable with weights_only=True) ------------------------------------
+
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {"python": [version, list(internal), gauss],
+                             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -48,55 +120,164 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# --- which checkpoints exist, and which one to resume ----------------------------------------------
+
+def complete_info(tag_dir: Path) -> dict[str, Any] | None:
+    """The `complete` marker's record, or None when the checkpoint is not complete."""
+    try:
+        text = (tag_dir / COMPLETE).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError:  # the older plain "ok" marker: its directory's time orders it
+        info = {}
+    if not isinstance(info, dict):
+        info = {}
+    m = _TAG.match(tag_dir.name)
+    info.setdefault("step", int(m.group(1)) if m else 0)
+    info.setdefault("saved_at_ns", (tag_dir / COMPLETE).stat().st_mtime_ns)
+    return info
+
+
+def checkpoints(ckpt_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Complete checkpoints, oldest write first."""
+    found = []
+    for p in ckpt_dir.glob("global_step*"):
+        info = complete_info(p) if p.is_dir() else None
+        if info is not None:
+            found.append((p.name, info))
+    return sorted(found, key=lambda t: (t[1]["saved_at_ns"], t[0]))
+
+
 def tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoints, oldest first."""
-    found = [p for p in ckpt_dir.glob("global_step*") if (p / COMPLETE).exists()]
-    return [p.name for p in sorted(found, key=lambda p: int(p.name.removeprefix("global_step")))]
+    return [t for t, _ in checkpoints(ckpt_dir)]
+
+
+def new_tag(ckpt_dir: Path, step: int) -> str:
+    """A tag no checkpoint (complete or not) uses: global_step{step}, else global_step{step}-v{n}."""
+    tag, n = f"global_step{step}", 1
+    while (ckpt_dir / tag).exists():
+        n += 1
+        tag = f"global_step{step}-v{n}"
+    return tag
 
 
 def find_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | None:
-    """--resume auto: the directory's `latest` (None if there is none); --resume PATH: that checkpoint
-    (a tag directory, or a checkpoint directory with `latest`)."""
+    """--resume auto: `latest` if it names a complete checkpoint, else (warning) the newest complete
+    one, else None; --resume PATH: that checkpoint (a tag directory, or a directory with `latest`)."""
     if resume is None:
         return None
     if resume == "auto":
-        latest = ckpt_dir / LATEST
-        return (ckpt_dir, latest.read_text().strip()) if latest.exists() else None
+        return _latest_or_newest(ckpt_dir, required=False)
     path = Path(resume)
-    if (path / LATEST).exists():
-        return path, (path / LATEST).read_text().strip()
     if (path / COMPLETE).exists():
         return path.parent, path.name
+    if path.is_dir() and ((path / LATEST).exists() or checkpoints(path)):
+        return _latest_or_newest(path, required=True)
     raise CheckpointError(f"--resume {resume}: neither a checkpoint directory with '{LATEST}' nor a complete "
                           f"checkpoint (a global_step* directory with '{COMPLETE}')")
 
 
-def load_deepspeed_file(path: Path) -> dict[str, Any]:
-    # DeepSpeed's own checkpoint files pickle its config objects: full unpickling, of files this
-    # project's training wrote.
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _latest_or_newest(ckpt_dir: Path, required: bool) -> tuple[Path, str] | None:
+    latest = ckpt_dir / LATEST
+    problem = None
+    if latest.exists():
+        tag = latest.read_text().strip()
+        if complete_info(ckpt_dir / tag) is not None:
+            return ckpt_dir, tag
+        problem = (f"{latest} names {tag!r}, which is " +
+                   ("not complete (a save that was cut short)" if (ckpt_dir / tag).exists() else "missing"))
+    complete = checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+    if problem is None and complete:
+        problem = f"{latest} is missing"
+    if not complete:
+        if problem or required:
+            raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from" +
+                                  (f" ({problem})" if problem else ""))
+        return None
+    tag = complete[-1][0]
+    log.warning("%s; resuming from the newest complete checkpoint instead: %s", problem, ckpt_dir / tag)
+    print(f"warning: {problem}; resuming from the newest complete checkpoint instead: {ckpt_dir / tag}", flush=True)
+    return ckpt_dir, tag
 
+
+# --- the model-states file and each rank's own state ------------------------------------------------
 
 def load_model_states(tag_dir: Path) -> dict[str, Any]:
-    """DeepSpeed's mp_rank_00_model_states.pt of a checkpoint, checked to hold our client state
-    (under "moma")."""
+    """DeepSpeed's mp_rank_00_model_states.pt of a checkpoint, checked to hold our client state."""
     path = tag_dir / "mp_rank_00_model_states.pt"
-    states = load_deepspeed_file(path)
+    states = safe_load(path)
     if "moma" not in states:
         raise CheckpointError(f"{path} holds no moma client state: not a checkpoint of `moma train`")
     return states
 
 
-def global_names(module: torch.nn.Module, ep_rank: int) -> dict[str, str]:
-    return ExpertLayout(ep_rank=ep_rank).global_names(module)
+def write_rank_state(tag_dir: Path, rank: int, state: dict[str, Any]) -> None:
+    """This rank's loader and RNG states, by this rank (no gather)."""
+    with atomic_write(tag_dir / CLIENT / f"rank{rank:05d}.pt") as f:
+        torch.save(state, f)
 
+
+def read_rank_states(tag_dir: Path, world_size: int, ranks: list[int] | None = None) -> dict[int, dict[str, Any]]:
+    """The saved per-rank states of `ranks` (default: all `world_size`)."""
+    out = {}
+    for r in range(world_size) if ranks is None else ranks:
+        path = tag_dir / CLIENT / f"rank{r:05d}.pt"
+        if not path.exists():
+            raise CheckpointError(f"{tag_dir}: no saved state of rank {r} ({path})")
+        out[r] = safe_load(path)
+    return out
+
+
+# --- durability --------------------------------------------------------------------------------------
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file below `directory`, then the directories (so names survive a crash too)."""
+    dirs = [directory]
+    for root, subdirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        dirs += [Path(root) / d for d in subdirs]
+    for d in [*dirs, directory.parent]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def mark_complete(ckpt_dir: Path, tag: str, info: dict[str, Any], keep: int) -> None:
+    """Rank 0, after every rank's files are on disk: `complete`, then `latest`, then keep-K (by write
+    order; never `latest`'s target), then the debris of saves that were cut short."""
+    write_json_atomic(ckpt_dir / tag / COMPLETE, {**info, "tag": tag, "saved_at_ns": time.time_ns()})
+    with atomic_write(ckpt_dir / LATEST, "w") as f:
+        f.write(tag)
+    done = checkpoints(ckpt_dir)
+    if keep > 0:
+        for old, _ in done[:-keep]:
+            if old != tag:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    complete = {t for t, _ in done}
+    for partial in ckpt_dir.glob("global_step*"):
+        if partial.is_dir() and partial.name not in complete and partial.name != tag:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+# --- the universal copy -------------------------------------------------------------------------------
 
 def _adam_states(engine: Any) -> list[dict[str, Any]]:
     opt = engine.optimizer
@@ -127,13 +308,15 @@ def _link_zero_optimizer_state(engine: Any, create_at_step: int | None = None) -
 
 
 def save_universal(engine: Any, directory: Path, ep_rank: int, edp_rank: int) -> None:
-    """Every rank takes part (the full-tensor getters are collectives); owners write."""
+    """Every rank takes part (the full-tensor getters are collectives); each tensor's owner writes it
+    into its own safetensors file (the rank's name; a fresh directory: tags are never reused)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import save_file
 
     module = engine.module
-    names = global_names(module, ep_rank)
+    names = ExpertLayout(ep_rank=ep_rank).global_names(module)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    out: dict[str, Any] = {}
+    out: dict[str, torch.Tensor] = {}
     zero = hasattr(next(module.parameters()), "_hp_mapping")
     if zero:
         _link_zero_optimizer_state(engine)
@@ -146,40 +329,80 @@ def save_universal(engine: Any, directory: Path, ep_rank: int, edp_rank: int) ->
             fp32, moments = p.detach().float(), {k: state.get(k) for k in ADAM_KEYS}
         owner = edp_rank == 0 if is_expert_param(name) else rank == 0
         if owner:
-            out[names[name]] = {"fp32": fp32.detach().cpu().clone(),
-                                **{k: v.detach().cpu().clone() if v is not None else None for k, v in moments.items()}}
+            out[f"{names[name]}/fp32"] = fp32.detach().cpu().contiguous()
+            for k, v in moments.items():
+                if v is not None:
+                    out[f"{names[name]}/{k}"] = v.detach().cpu().contiguous()
     steps = [int(s["step"]) for s in _adam_states(engine)]
+    step = max(steps) if steps else 0
+    folder = directory / UNIVERSAL
+    folder.mkdir(parents=True, exist_ok=True)
+    file = f"rank{rank:05d}.safetensors"
     if out:
-        out["__step__"] = max(steps) if steps else 0
-        with atomic_write(directory / UNIVERSAL / f"rank{rank:05d}.pt") as f:
-            torch.save(out, f)
+        tmp = folder / f".{file}.tmp"
+        save_file(out, str(tmp), metadata={"step": str(step)})
+        tmp.replace(folder / file)
+
+
+def universal_index(directory: Path) -> dict[str, Any] | None:
+    """{"step", "tensors": {name: file}} from the universal files' headers (safetensors headers
+    are read without the data), or None when the checkpoint has no universal copy."""
+    from safetensors import safe_open
+
+    files = sorted((directory / UNIVERSAL).glob("rank*.safetensors"))
+    if not files:
+        return None
+    tensors, step = {}, 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            step = max(step, int((f.metadata() or {}).get("step", 0)))
+            tensors.update({k: file.name for k in f.keys()})
+    return {"step": step, "tensors": tensors}
+
+
+def read_universal(directory: Path, wanted: list[str] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """{global name: {"fp32", "exp_avg", "exp_avg_sq"}} for the `wanted` parameters (None: all),
+    read memory-mapped from only the files that hold them; and the optimizer step."""
+    from safetensors import safe_open
+
+    index = universal_index(directory)
+    if index is None:
+        raise CheckpointError(f"{directory} has no {UNIVERSAL}/ copy, so it can only resume on the world size and "
+                              f"expert-parallel size that wrote it (resume there, or from a checkpoint written at "
+                              f"the end of a launch, or set checkpoint.universal: always)")
+    tensors = index["tensors"]
+    names = sorted({k.rsplit("/", 1)[0] for k in tensors}) if wanted is None else wanted
+    missing = [n for n in names if f"{n}/fp32" not in tensors]
+    if missing:
+        raise CheckpointError(f"{directory}/{UNIVERSAL} lacks {len(missing)} parameters of this model, e.g. "
+                              f"{missing[:3]}: it was written by another model")
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        for k in ("fp32", *ADAM_KEYS):
+            key = f"{n}/{k}"
+            if key in tensors:
+                by_file.setdefault(tensors[key], []).append(key)
+    out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    for file, keys in by_file.items():
+        with safe_open(str(directory / UNIVERSAL / file), framework="pt") as f:
+            for key in keys:
+                name, kind = key.rsplit("/", 1)
+                out[name][kind] = f.get_tensor(key)
+    return out, int(index["step"])
 
 
 def load_universal(engine: Any, directory: Path, ep_rank: int) -> None:
     """Set every local parameter and its Adam moments from the universal copy (any layout)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    merged: dict[str, Any] = {}
-    files = sorted((directory / UNIVERSAL).glob("rank*.pt"))
-    if not files:
-        raise CheckpointError(f"{directory} has no {UNIVERSAL}/ copy (checkpoint.universal was off), so it can "
-                              f"only resume on the world size and expert-parallel size that wrote it")
-    step = 0
-    for f in files:
-        part = torch.load(f, map_location="cpu", weights_only=True)  # tensors and ints only
-        step = max(step, int(part.pop("__step__", 0)))
-        merged.update(part)
     module = engine.module
-    names = global_names(module, ep_rank)
+    names = ExpertLayout(ep_rank=ep_rank).global_names(module)
+    saved, step = read_universal(directory, [names[n] for n, _ in module.named_parameters()])
     zero = hasattr(next(module.parameters()), "_hp_mapping")
-    missing = [names[n] for n, _ in module.named_parameters() if names[n] not in merged]
-    if missing:
-        raise CheckpointError(f"{directory}/{UNIVERSAL} lacks {len(missing)} parameters of this model, e.g. "
-                              f"{missing[:3]}: it was written by another model")
     if zero:
         _link_zero_optimizer_state(engine, create_at_step=step)
     for name, p in module.named_parameters():
-        entry = merged[names[name]]
+        entry = saved[names[name]]
         if tuple(entry["fp32"].shape) != tuple(p.shape):
             raise CheckpointError(f"{names[name]}: saved shape {tuple(entry['fp32'].shape)} != {tuple(p.shape)}")
         with torch.no_grad():
@@ -187,26 +410,13 @@ def load_universal(engine: Any, directory: Path, ep_rank: int) -> None:
         if zero:
             safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
             for k in ADAM_KEYS:
-                if entry[k] is not None:
+                if k in entry:
                     safe_set_full_optimizer_state(p, entry[k].to(p.device), k)
         else:
             state = engine.optimizer.state.setdefault(p, {})
             for k in ADAM_KEYS:
-                if entry[k] is not None:
+                if k in entry:
                     state[k] = entry[k].to(p.device).clone()
             state["step"] = torch.tensor(float(step))
     for s in _adam_states(engine):
         s["step"] = torch.tensor(float(step)) if torch.is_tensor(s["step"]) else step
-
-
-def write_complete_and_latest(ckpt_dir: Path, tag: str, keep: int) -> None:
-    """Rank 0, after a barrier: mark the checkpoint complete, point `latest` at it, drop old ones."""
-    (ckpt_dir / tag / COMPLETE).write_text("ok\n")
-    with atomic_write(ckpt_dir / LATEST, "w") as f:
-        f.write(tag)
-    for old in tags(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    for partial in ckpt_dir.glob("global_step*"):  # leftovers of a save that was killed
-        if not (partial / COMPLETE).exists() and partial.name != tag:
-            shutil.rmtree(partial, ignore_errors=True)
-

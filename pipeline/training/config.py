@@ -70,7 +70,9 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 3
     dir: str | None = None  # default: <run_dir>/checkpoints
-    universal: bool = True  # also write a layout-free copy (resume on another world / expert-parallel size)
+    # the layout-free copy (resume on another world / expert-parallel size): "final" = at the last save of
+    # each launch (end, stop_at_step, preemption), "always" = at every save, "never"
+    universal: str = "final"
 
 
 @dataclasses.dataclass

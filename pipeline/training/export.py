@@ -7,7 +7,8 @@ DeepSpeed's zero_to_fp32 drops native-MoE experts (and fails for expert parallel
 expert tensors come from DeepSpeed's per-expert files, named by *global* expert index, which is
 exactly the parameter name in a model built with expert-parallel size 1; the other tensors from the
 model-states file. When the checkpoint has its universal copy, its fp32 master weights are used
-instead (exact also for bf16 runs). Works offline, on one process, for any training layout.
+instead (exact also for bf16 runs). Works offline, on one process, for any training layout. Every
+file is read with torch.load(weights_only=True) (checkpoint.safe_load): nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.transformer import Transformer
 from moma.pipeline.training.checkpoint import (
-    UNIVERSAL,
     CheckpointError,
     find_checkpoint,
-    load_deepspeed_file,
     load_model_states,
+    read_universal,
+    safe_load,
+    universal_index,
 )
 from moma.tokenizers.fileio import write_json_atomic
 
@@ -34,24 +36,20 @@ WEIGHTS = "model.safetensors"
 
 def _tag_dir(ckpt: str | Path) -> Path:
     found = find_checkpoint(str(ckpt), Path(ckpt))
-    assert found is not None
+    if found is None:
+        raise CheckpointError(f"{ckpt}: no checkpoint")
     return found[0] / found[1]
 
 
 def consolidated_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     main = load_model_states(tag_dir)
     client = main["moma"]
-    universal = sorted((tag_dir / UNIVERSAL).glob("rank*.pt"))
-    if universal:
-        state: dict[str, torch.Tensor] = {}
-        for f in universal:
-            part = torch.load(f, map_location="cpu", weights_only=True)
-            part.pop("__step__", None)
-            state.update({k: v["fp32"] for k, v in part.items()})
-        return state, client
+    if universal_index(tag_dir) is not None:
+        saved, _ = read_universal(tag_dir)
+        return {name: entry["fp32"] for name, entry in saved.items()}, client
     state = {k: v.float() for k, v in main["module"].items()}
     for f in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
-        state.update({k: v.float() for k, v in load_deepspeed_file(f).items()})
+        state.update({k: v.float() for k, v in safe_load(f).items()})
     return state, client
 
 

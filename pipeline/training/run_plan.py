@@ -22,6 +22,7 @@ from moma.pipeline.loader.loader import resolve_sources
 from moma.pipeline.model.accounting import Accounting, count
 from moma.pipeline.model.config import ModelConfig, preset
 from moma.pipeline.shards.manifest import Manifest
+from moma.pipeline.training.checkpoint import UNIVERSAL_POLICIES
 from moma.pipeline.training.config import ConfigError, TrainConfig
 from moma.pipeline.training.ds_config import build_ds_config, precision, zero_stage
 from moma.pipeline.training.expert_layout import ParallelConfigError, check_parallel_layout, placement
@@ -108,6 +109,8 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
         raise ConfigError("max_steps must be >= 1")
     if cfg.stop_at_step is not None and not 0 < cfg.stop_at_step <= cfg.max_steps:
         raise ConfigError(f"stop_at_step {cfg.stop_at_step} must lie in [1, max_steps {cfg.max_steps}]")
+    if cfg.checkpoint.universal not in UNIVERSAL_POLICIES:
+        raise ConfigError(f"checkpoint.universal must be one of {UNIVERSAL_POLICIES}, got {cfg.checkpoint.universal!r}")
     if cfg.schedule.decay not in ("linear", "cosine"):
         raise ConfigError(f"schedule.decay must be linear or cosine, got {cfg.schedule.decay!r}")
     vocab = run_vocab(cfg)

@@ -27,12 +27,17 @@ import torch.distributed as dist
 from moma.pipeline.loader.loader import PackedLoader
 from moma.pipeline.training.checkpoint import (
     find_checkpoint,
+    fsync_tree,
+    install_safe_loading,
     load_model_states,
     load_universal,
+    mark_complete,
+    new_tag,
+    read_rank_states,
     rng_state,
     save_universal,
     set_rng_state,
-    write_complete_and_latest,
+    write_rank_state,
 )
 from moma.pipeline.training.config import TrainConfig, save_config
 from moma.pipeline.training.ds_config import precision
@@ -133,17 +138,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> int:
 def resume_from(engine: Any, plan: RunPlan, found: tuple[Path, str], ep_rank: int,
                 rank: int) -> tuple[Progress, Any]:
     """Load a checkpoint into `engine`: DeepSpeed's own path on the same layout, the universal copy on
-    another; returns the progress counters and the loader state(s) to continue with."""
+    another; returns the progress counters and the loader state(s) to continue with: this rank's
+    own, or every old rank's when the streams are re-split (another world size or worker count)."""
     ckpt_dir, tag = found
-    client = load_model_states(ckpt_dir / tag)["moma"]
+    tag_dir = ckpt_dir / tag
+    client = load_model_states(tag_dir)["moma"]
     layout = client["layout"]
-    same = (layout["world_size"], layout["ep_size"]) == (plan.world_size, plan.cfg.parallel.ep_size)
+    old_world = layout["world_size"]
+    same = (old_world, layout["ep_size"]) == (plan.world_size, plan.cfg.parallel.ep_size)
     if same:
+        install_safe_loading(engine)  # DeepSpeed's own files, without arbitrary unpickling
         engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
-        set_rng_state(client["rng"][rank])
     else:
-        load_universal(engine, ckpt_dir / tag, ep_rank)
+        load_universal(engine, tag_dir, ep_rank)
         engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
@@ -151,36 +159,51 @@ def resume_from(engine: Any, plan: RunPlan, found: tuple[Path, str], ep_rank: in
         engine.global_samples = client["step"] * plan.ds_config["train_batch_size"]
     progress = Progress(step=client["step"], tokens=dict(client["tokens"]),
                         nonfinite_skipped=client.get("nonfinite_skipped", 0))
-    loader_state = client["loader"] if not same else client["loader"][rank]
+    own = read_rank_states(tag_dir, old_world, [rank])[rank] if same else None
+    if own is not None:
+        set_rng_state(own["rng"])
+    if own is not None and own["loader"]["per_rank"] == plan.cfg.data.streams_per_rank:
+        loader_state: Any = own["loader"]
+    else:  # re-split: every old rank's loader state (small files, read once at start-up)
+        loader_state = [st["loader"] for _, st in sorted(read_rank_states(tag_dir, old_world).items())]
     if rank == 0:
-        how = "same layout" if same else (f"re-sharded from world {layout['world_size']} / ep {layout['ep_size']} "
+        how = "same layout" if same else (f"re-sharded from world {old_world} / ep {layout['ep_size']} "
                                           f"to world {plan.world_size} / ep {plan.cfg.parallel.ep_size}")
-        print(f"resumed from {ckpt_dir / tag} at step {progress.step} ({how})", flush=True)
+        print(f"resumed from {tag_dir} at step {progress.step} ({how})", flush=True)
     return progress, loader_state
 
 
 def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, progress: Progress, ep_rank: int,
-          rank: int) -> None:
+          info: Any, final: bool) -> None:
+    """Every rank: DeepSpeed's files, its own loader + RNG state, (the universal copy), fsync; then
+    rank 0 marks the checkpoint complete and points `latest` at it. `final`: the last save of this
+    launch (the one a resized job resumes from)."""
     from deepspeed.utils import groups
 
-    ckpt_dir, tag = cfg.checkpoint_dir, f"global_step{progress.step}"
-    states: list[Any] = [None] * plan.world_size
-    dist.all_gather_object(states, {"loader": loader.state_dict(), "rng": rng_state()})
+    ckpt_dir = cfg.checkpoint_dir
+    tag = [new_tag(ckpt_dir, progress.step) if info.is_main else None]
+    dist.broadcast_object_list(tag, src=0)  # one short string, at saves only
+    tag_dir = ckpt_dir / tag[0]
+    layout = {"world_size": plan.world_size, "ep_size": cfg.parallel.ep_size,
+              "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0)}
     client = {"moma": {
         "step": progress.step, "tokens": progress.tokens, "nonfinite_skipped": progress.nonfinite_skipped,
-        "loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
-        "layout": {"world_size": plan.world_size, "ep_size": cfg.parallel.ep_size,
-                   "zero_stage": plan.ds_config.get("zero_optimization", {}).get("stage", 0)},
-        "lr_scheduler": engine.lr_scheduler.state_dict(), "config": cfg.to_json(), "vocab": plan.vocab.to_json(),
-        "model": plan.model.to_json()}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
-    if cfg.checkpoint.universal:
+        "layout": layout, "lr_scheduler": engine.lr_scheduler.state_dict(), "config": cfg.to_json(),
+        "vocab": plan.vocab.to_json(), "model": plan.model.to_json()}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag[0], client_state=client, save_latest=False)
+    write_rank_state(tag_dir, info.rank, {"loader": loader.state_dict(), "rng": rng_state()})
+    universal = cfg.checkpoint.universal == "always" or (final and cfg.checkpoint.universal == "final")
+    if universal:
         edp_rank = groups._get_expert_data_parallel_rank(expert_group_name(cfg.parallel.ep_size)) \
             if plan.model.ffn_spec.learned_routing else 0
-        save_universal(engine, ckpt_dir / tag, ep_rank, edp_rank)
-    dist.barrier()  # every rank's files are on disk
-    if rank == 0:
-        write_complete_and_latest(ckpt_dir, tag, cfg.checkpoint.keep)
+        save_universal(engine, tag_dir, ep_rank, edp_rank)
+    dist.barrier()  # every rank's files are written ...
+    if info.local_rank == 0:
+        fsync_tree(tag_dir)  # ... and on disk (each node's ranks wrote through its page cache)
+    dist.barrier()
+    if info.is_main:
+        mark_complete(ckpt_dir, tag[0], {"step": progress.step, "layout": layout, "universal": universal},
+                      cfg.checkpoint.keep)
     dist.barrier()
 
 
@@ -194,6 +217,7 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
                        every_s=cfg.logging.progress_seconds)
     batches = iter(loader)
     in_a_row, code = 0, EXIT_OK
+    saved_at = progress.step  # the step of the checkpoint on disk (a resume's own)
     injected = Counter(cfg.debug_nonfinite_at)
     while progress.step < end:
         start = time.perf_counter()
@@ -258,14 +282,16 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
         bar.update(1)
         preempted = sums[4] > 0
         if preempted or progress.step == end or progress.step % cfg.checkpoint.every == 0:
-            _save(cfg, plan, engine, loader, progress, ep_rank, info.rank)
+            _save(cfg, plan, engine, loader, progress, ep_rank, info, final=preempted or progress.step == end)
+            saved_at = progress.step
         if preempted:
             if info.is_main:
                 write_progress(f"preemption signal: checkpointed at step {progress.step}, exiting 0 (resume with "
                            f"--resume auto)")
             break
     if code == EXIT_NONFINITE:
-        _save(cfg, plan, engine, loader, progress, ep_rank, info.rank)
+        if saved_at != progress.step:  # not twice for one step: that checkpoint is already on disk
+            _save(cfg, plan, engine, loader, progress, ep_rank, info, final=True)
         if info.is_main:
             write_progress(f"stopping: more than {cfg.max_nonfinite_in_a_row} non-finite losses in a row at step "
                        f"{progress.step + 1}; checkpointed step {progress.step} (lower the learning rate or inspect "
