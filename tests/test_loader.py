@@ -417,3 +417,14 @@ def test_the_rows_of_a_batch_never_share_a_document(data: dict) -> None:
             holders[row] = key
         rows = list(holders.values())
         assert len(rows) == len(set(rows)), rows  # no two rows are in the same document
+
+
+def test_starting_the_loader_does_not_draw_from_torchs_global_rng(data: dict) -> None:
+    """A resume restores torch's RNG, then starts the loader: that must not move the training RNG
+    (the DataLoader takes its workers' base seed from the loader's own generator)."""
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    loader = make(cfg(data["main"], workers=2))
+    take(loader, 1)
+    assert torch.equal(torch.rand(3), expected)
