@@ -16,12 +16,11 @@ import torch
 from dist_fixtures import run_distributed_test
 
 from moma.pipeline.model.config import ModelConfig
-from moma.pipeline.training.engine import build_model, expert_parallel_rank, initialize_engine
+from moma.pipeline.training.engine import build_model, expert_parallel_rank, initialize_engine, routing_for
 from moma.pipeline.training.expert_layout import ExpertLayout
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-CASES = ["expert_choice:0", "expert_choice:1", "expert_choice:2", "token_choice:0"]
 VOCAB, IMAGE_OFFSET, SEQ, MICRO = 300, 200, 32, 2
 
 
@@ -33,17 +32,19 @@ def micro_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in (text, mixed)]
 
 
-def model_config(ffn: str, router: str) -> ModelConfig:
+def model_config(ffn: str, router: str, dispatch: str = "moma") -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, image_offset=IMAGE_OFFSET, d_model=32, n_layers=2, n_heads=2,
                        ffn_hidden=64, ffn=ffn, router=router, capacity_factor=1.0, max_seq_len=SEQ,
-                       z_loss_weight=1e-4)
+                       z_loss_weight=1e-4, moe_dispatch=dispatch)
 
 
-def ep_records(ep: int, cases: list[str], steps: int = 3, ffn: str = "moma_4t4i") -> dict[str, dict]:
-    """On every rank: per case (ROUTER:ZERO_STAGE) the logits and loss of the first forward, the
-    gradients after the first backward (stage 0) and all parameters after `steps` optimizer steps,
-    under *global* parameter names, plus the routing statistics."""
+def ep_records(ep: int, cases: list[str], steps: int = 3) -> dict[str, dict]:
+    """On every rank, per case (FFN:ROUTER:ZERO_STAGE:DISPATCH): the logits and loss of the first
+    forward, the full gradients after the first backward (safe_get_full_grad under ZeRO), all
+    parameters after `steps` optimizer steps, under *global* names; the routing statistics and the
+    rows each local expert processed."""
     import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
 
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = ExpertLayout(ep, expert_parallel_rank(ep))
@@ -51,8 +52,8 @@ def ep_records(ep: int, cases: list[str], steps: int = 3, ffn: str = "moma_4t4i"
     mine = batches if world == 1 else [batches[rank]]
     records: dict[str, dict] = {}
     for case in cases:
-        router, stage = case.split(":")
-        model = build_model(model_config(ffn, router), ep_size=ep, seed=7, ep_rank=layout.ep_rank)
+        ffn, router, stage, dispatch = case.split(":")
+        model = build_model(model_config(ffn, router, dispatch), ep_size=ep, seed=7, ep_rank=layout.ep_rank)
         ds_config = {
             "train_micro_batch_size_per_gpu": MICRO,
             "gradient_accumulation_steps": len(mine),
@@ -66,31 +67,39 @@ def ep_records(ep: int, cases: list[str], steps: int = 3, ffn: str = "moma_4t4i"
         record: dict[str, object] = {"rank": rank, "ep_rank": layout.ep_rank}
         for step in range(steps):
             for i, (x, y) in enumerate(mine):
-                out = engine(x, y, return_logits=True)
+                routing = routing_for(engine.module, x, collect_stats=True)
+                out = engine(x, y, return_logits=True, routing=routing)
                 if step == 0:
                     micro_index = i if world == 1 else rank
                     record[f"logits{micro_index}"] = out.logits.detach().clone()
                     record[f"loss{micro_index}"] = out.loss.detach().clone()
+                    record["rows"] = {f"{j}.{g}": list(r) for j, layer in enumerate(engine.module.layers)
+                                      for g, r in getattr(layer.ffn, "last_rows", {}).items()}
                 engine.backward(out.loss)
-                if step == 0 and stage == "0" and engine.is_gradient_accumulation_boundary():
-                    grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()
-                             if p.grad is not None}
+                if step == 0 and engine.is_gradient_accumulation_boundary():
+                    grads = {n: (p.grad if stage == "0" else safe_get_full_grad(p)).detach().clone()
+                             for n, p in engine.module.named_parameters()}
                     record["grads"] = layout.globalise(engine.module, grads)
                 engine.step()
         params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         record["params"] = layout.globalise(engine.module, params)
         record["stats"] = {k: {s: v.clone() for s, v in g.last_stats.items()}
                            for k, g in engine.module.moe_gates().items()}
-        records[f"{router}_zero{stage}"] = record
+        records[case] = record
         del engine
     return records
 
 
+EP2 = ["moma_4t4i:expert_choice:0:moma", "moma_4t4i:expert_choice:1:moma", "moma_4t4i:expert_choice:2:moma",
+       "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma",
+       "moma_4t4i:expert_choice:0:deepspeed", "moma_4t4i:token_choice:0:deepspeed", "moe_8x:expert_choice:0:deepspeed"]
+REF = ["moma_4t4i:expert_choice:0:moma", "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma"]
+
+
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[dict]]:
-    ref = run_distributed_test(ep_records, world_size=1, func_args=(1, ["expert_choice:0", "token_choice:0"]))
-    ep2 = run_distributed_test(ep_records, world_size=2, func_args=(2, CASES))
-    return {"ref": ref, "ep2": ep2}
+    return {"ref": run_distributed_test(ep_records, world_size=1, func_args=(1, REF)),
+            "ep2": run_distributed_test(ep_records, world_size=2, func_args=(2, EP2))}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -98,22 +107,43 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("case", CASES)
+def reference_of(case: str) -> str:
+    ffn, router, _, _ = case.split(":")
+    return f"{ffn}:{router}:0:moma"
+
+
+@pytest.mark.parametrize("case", [c for c in EP2 if c.endswith(":moma")])
 def test_expert_parallel_matches_single_rank(runs: dict, case: str) -> None:
-    router, stage = case.split(":")
-    ref = runs["ref"][0][f"{router}_zero0"]
-    r0, r1 = (runs["ep2"][r][f"{router}_zero{stage}"] for r in (0, 1))
-    # forward: each rank's micro-batch gives the single-rank logits
+    """ep 2 (rank 0's micro-batch is text only) against ep 1 on both micro-batches: the same logits, the
+    same full gradients (also under ZeRO-1/2: safe_get_full_grad — a 2x gradient-scale error shows
+    here, where Adam's near scale-invariance would hide it in the parameters), the same parameters."""
+    ref = runs["ref"][0][reference_of(case)]
+    r0, r1 = (runs["ep2"][r][case] for r in (0, 1))
     assert float((r0["logits0"] - ref["logits0"]).abs().max()) < 1e-5
     assert float((r1["logits1"] - ref["logits1"]).abs().max()) < 1e-5
-    # after 3 optimizer steps the whole model (both ranks' experts together) is the same
+    # every rank holds the full gradient of what it owns: shared parameters everywhere, its experts
+    assert max_diff({**r1["grads"], **r0["grads"]}, ref["grads"]) < 1e-6
     assert max_diff({**r0["params"], **r1["params"]}, ref["params"]) < 1e-5
-    if stage == "0":
-        assert max_diff({**r0["grads"], **r1["grads"]}, ref["grads"]) < 1e-5
 
 
-def test_uneven_modality_mix_is_real(runs: dict) -> None:
-    r0, r1 = (runs["ep2"][r]["expert_choice_zero2"] for r in (0, 1))
-    # rank 0 saw no image token at all; rank 1 did: their local capacities differed
-    assert int(r0["stats"]["0.image"]["tokens"]) == 0 and int(r1["stats"]["0.image"]["tokens"]) > 0
-    assert int(r0["stats"]["0.text"]["tokens"]) != int(r1["stats"]["0.text"]["tokens"])
+@pytest.mark.parametrize("ffn_router", ["moma_4t4i:expert_choice", "moe_8x:expert_choice", "moma_4t4i:token_choice"])
+def test_the_new_dispatch_equals_deepspeeds_moelayer(runs: dict, ffn_router: str) -> None:
+    """Same weights, same micro-batches, on 2 ranks (one holding only text): DeepSpeed's MOELayer and
+    moe.py's dispatch give the same outputs and every gradient (fp32, 1e-6)."""
+    for rank in (0, 1):
+        ours, theirs = (runs["ep2"][rank][f"{ffn_router}:0:{d}"] for d in ("moma", "deepspeed"))
+        assert float((ours[f"logits{rank}"] - theirs[f"logits{rank}"]).abs().max()) < 1e-6
+        assert max_diff(ours["grads"], theirs["grads"]) < 1e-6
+
+
+def test_uneven_modality_mix_is_real_and_only_routed_rows_are_computed(runs: dict) -> None:
+    r0, r1 = (runs["ep2"][r]["moma_4t4i:expert_choice:2:moma"] for r in (0, 1))
+    # rank 0 saw no image token at all; rank 1 did: their local capacities differ
+    image = [int(r["stats"]["0.image"]["tokens"]) for r in (r0, r1)]
+    text = [int(r["stats"]["0.text"]["tokens"]) for r in (r0, r1)]
+    assert image[0] == 0 and image[1] > 0 and text[0] != text[1]
+    k_image = [min(n, -(-n // 4)) for n in image]  # capacity factor 1, 4 experts per group
+    k_text = [min(n, -(-n // 4)) for n in text]
+    for r in (r0, r1):  # each local expert ran exactly the rows routed to it from both ranks
+        assert r["rows"]["0.image"] == [sum(k_image)] * 2 and r["rows"]["0.text"] == [sum(k_text)] * 2
+    assert sum(k_image) < 2 * max(k_image)  # not ep x max_r k_r, as a common capacity would compute

@@ -48,6 +48,7 @@ def probe_checkpoint(config: Path, checkpoint: Path, overrides: list[str] = (), 
     return the engine's logits on fixed batches, and/or write the universal copy of what was loaded."""
     from moma.pipeline.training.checkpoint import find_checkpoint, save_universal
     from moma.pipeline.training.config import load_config
+    from moma.pipeline.training.engine import routing_for
     from moma.pipeline.training.train import resume_from, setup_engine
 
     cfg = load_config(str(config), list(overrides))
@@ -65,7 +66,8 @@ def probe_checkpoint(config: Path, checkpoint: Path, overrides: list[str] = (), 
     engine.eval()
     batches = fixed_batches(plan.model.vocab_size, plan.model.image_offset, plan.world_size, cfg.data.seq_len)
     with torch.no_grad():
-        return {"ids": batches[info.rank], "logits": engine(batches[info.rank]).logits}
+        ids = batches[info.rank]
+        return {"ids": ids, "logits": engine(ids, routing=routing_for(engine.module, ids)).logits}
 
 
 def continue_training(config: Path, checkpoint: Path, overrides: list[str] = (), steps: int = 3) -> list[float]:
@@ -76,6 +78,7 @@ def continue_training(config: Path, checkpoint: Path, overrides: list[str] = (),
 
     from moma.pipeline.training.checkpoint import find_checkpoint
     from moma.pipeline.training.config import load_config
+    from moma.pipeline.training.engine import routing_for
     from moma.pipeline.training.train import resume_from, setup_engine
 
     cfg = load_config(str(config), list(overrides))
@@ -86,7 +89,7 @@ def continue_training(config: Path, checkpoint: Path, overrides: list[str] = (),
         micro = fixed_batches(plan.model.vocab_size, plan.model.image_offset, 2, cfg.data.seq_len + 1, seed=step)
         ce, tokens = 0.0, 0.0
         for ids in micro[info.rank::plan.world_size]:
-            out = engine(ids[:, :-1], ids[:, 1:])
+            out = engine(ids[:, :-1], ids[:, 1:], routing=routing_for(engine.module, ids[:, :-1]))
             engine.backward(out.loss)
             engine.step()
             ce += float(sum(out.ce_sum.values()))

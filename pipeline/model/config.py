@@ -74,6 +74,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     pad_vocab_multiple: int = 64  # embedding/output rows padded for efficient matmuls
+    pad_id: int | None = None  # the vocabulary's <|pad|>: routed to no expert (set from the tokenizers)
+    moe_dispatch: str = "moma"  # moma: exact work (moe.py) | deepspeed: DeepSpeed's MOELayer (the reference)
 
     def __post_init__(self) -> None:
         spec = parse_ffn(self.ffn)
@@ -89,6 +91,8 @@ class ModelConfig:
             smallest = min(n for _, n in spec.groups)
             if not 1 <= self.token_choice_k <= smallest:
                 raise ValueError(f"token_choice_k {self.token_choice_k} must be in [1, {smallest}] for {self.ffn}")
+        if self.moe_dispatch not in ("moma", "deepspeed"):
+            raise ValueError(f"moe_dispatch must be moma or deepspeed, got {self.moe_dispatch!r}")
         if self.capacity_factor <= 0:
             raise ValueError("capacity_factor must be > 0")
         if not 0 < self.image_offset <= self.vocab_size:
@@ -118,12 +122,21 @@ class ModelConfig:
         return from_dict(cls, data, where)
 
 
-# Table 5 of the paper (layers / d_model / ffn hidden / heads) plus a CPU-sized one.
+def swiglu_hidden(d_model: int, multiple: int = 256) -> int:
+    """The SwiGLU hidden size with (about) the FLOPs of a 4·d two-matrix MLP: 8/3·d, rounded down to
+    a multiple of 256 for the matmul kernels. The paper's size names count parameters with it: 90m,
+    435m and 1.4b are 91.2 M, 423.7 M and 1.464 B dense parameters with a 65,536 vocabulary (4·d
+    would give 101 M, 537 M and 1.88 B); tests/test_model.py checks each preset against its name."""
+    return multiple * int(8 * d_model / 3 // multiple)
+
+
+# Table 5 of the paper (layers / d_model / heads; SwiGLU hidden 8/3·d) plus a CPU-sized one, which
+# keeps a 4·d hidden (no paper counterpart; the demo's measurements were made with it).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layers=4, d_model=128, ffn_hidden=512, n_heads=4, max_seq_len=512),
-    "90m": dict(n_layers=8, d_model=512, ffn_hidden=2048, n_heads=8, max_seq_len=4096),
-    "435m": dict(n_layers=24, d_model=1024, ffn_hidden=4096, n_heads=16, max_seq_len=4096),
-    "1.4b": dict(n_layers=24, d_model=2048, ffn_hidden=8192, n_heads=16, max_seq_len=4096),
+    "90m": dict(n_layers=8, d_model=512, ffn_hidden=swiglu_hidden(512), n_heads=8, max_seq_len=4096),
+    "435m": dict(n_layers=24, d_model=1024, ffn_hidden=swiglu_hidden(1024), n_heads=16, max_seq_len=4096),
+    "1.4b": dict(n_layers=24, d_model=2048, ffn_hidden=swiglu_hidden(2048), n_heads=16, max_seq_len=4096),
 }
 # Default vocabularies (text ranks + 16 controls, image codes) for `model info` when no tokenizers
 # are given: a CPU-sized 4,096 + 1,024 for tiny (the demo's own tokenizers give 2,048 + 1,024 and

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
+from moma.pipeline.model.moe import Exchange, RoutingInfo, expert_choice, routing_info, routing_stats, token_choice
 from moma.pipeline.model.routing import ExpertChoiceGate, TokenChoiceGate
 
 
@@ -33,7 +34,8 @@ class SwiGLU(nn.Module):
 
 
 class DenseFFN(SwiGLU):
-    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor,  # type: ignore[override]
+                routing: RoutingInfo | None = None) -> torch.Tensor:
         return super().forward(x)
 
 
@@ -45,7 +47,7 @@ class ModalityFFN(nn.Module):
         self.text_ffn = SwiGLU(d_model, hidden)
         self.image_ffn = SwiGLU(d_model, hidden)
 
-    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor, routing: RoutingInfo | None = None) -> torch.Tensor:
         flat, img = x.reshape(-1, x.shape[-1]), is_image.reshape(-1)
         out = torch.empty_like(flat)
         for ffn, mask in ((self.text_ffn, ~img), (self.image_ffn, img)):
@@ -71,34 +73,80 @@ def build_moe(cfg: ModelConfig, num_experts: int, ep_size: int) -> nn.Module:
 
 
 class GroupedMoEFFN(nn.Module):
-    """moe_Nx (one group, "all") or moma_NtMi (a "text" and an "image" group)."""
+    """moe_Nx (one group, "all") or moma_NtMi (a "text" and an "image" group).
+
+    `dispatch`: "moma" (moe.py: gather each expert's tokens, run it on exactly those, index_add in
+    fp32; exact all-to-all splits under expert parallelism) or "deepspeed" (DeepSpeed's MOELayer:
+    [E, C, d] capacity buffers, the reference the tests compare against). Both use DeepSpeed's MoE
+    module: its Experts container (per-expert checkpoint files), its router weight `wg`, and the
+    expert-parallel groups and ZeRO parameter groups the engine builds for it."""
 
     def __init__(self, cfg: ModelConfig, ep_size: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.group_names = [name for name, _ in cfg.ffn_spec.groups]
         for name, n in cfg.ffn_spec.groups:
             # "<group>_moe", never "...expert...": DeepSpeed files every MoE-module key containing
             # "expert" into the per-expert checkpoints.
             self.add_module(f"{name}_moe", build_moe(cfg, n, ep_size))
         self.aux_loss = torch.zeros(())
+        self.exchange: Exchange | None = None  # expert parallelism's all-to-all, installed by training/engine.py
+        self.last_rows: dict[str, list[int]] = {}  # rows each local expert processed in the last forward
 
-    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
-        flat, img = x.reshape(-1, x.shape[-1]), is_image.reshape(-1)
-        if self.group_names == ["all"]:
-            out, aux, _ = self.all_moe(flat)
-            self.aux_loss = aux
-            return out.view_as(x)
-        # Each group's MoE layer sees only its modality's tokens (possibly none on this rank): its
-        # gate, dispatch and combine then cost nothing for the other modality's tokens.
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor, routing: RoutingInfo | None = None) -> torch.Tensor:
+        if routing is None:
+            if self.exchange is not None:
+                raise RuntimeError("expert parallelism: the forward needs the micro-batch's routing metadata "
+                                   "(training/engine.py routing_for)")
+            routing = routing_info(is_image.long() * self.cfg.image_offset, self.cfg.image_offset, None,
+                                   self.group_names)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.cfg.moe_dispatch == "deepspeed":
+            return self._deepspeed(flat, routing).view_as(x)
         out = torch.zeros_like(flat)
         aux = flat.new_zeros((), dtype=torch.float32)
         for name in self.group_names:
-            idx = (img if name == "image" else ~img).nonzero().squeeze(1)
+            moe = getattr(self, f"{name}_moe").deepspeed_moe
+            idx = routing.members[name]
+            xs = flat.index_select(0, idx)
+            experts, gate = moe.experts.deepspeed_experts, moe.gate
+            if self.cfg.router == "expert_choice":
+                y, done = expert_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
+                                        self.cfg.capacity_factor, self.exchange)
+                picks = None
+            else:
+                y, l_aux, done = token_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
+                                              self.cfg.capacity_factor, self.cfg.token_choice_k,
+                                              self.cfg.token_choice_score, self.exchange)
+                aux = aux + l_aux
+                picks = done["kept"]
+            out = out.index_copy(0, idx, y)
+            self.last_rows[name] = done["rows"]
+            if routing.collect_stats:
+                with torch.no_grad():
+                    if picks is None:
+                        picks = torch.zeros(xs.shape[0], dtype=torch.long, device=x.device).index_add_(
+                            0, done["token_index"], torch.ones_like(done["token_index"]))
+                    per_expert = torch.full((gate.wg.out_features,), done["slots"][routing.ep_rank])
+                    gate.last_stats = routing_stats(done["logits"], picks, per_expert)
+        self.aux_loss = aux
+        return out.view_as(x)
+
+    def _deepspeed(self, flat: torch.Tensor, routing: RoutingInfo) -> torch.Tensor:
+        """DeepSpeed's MOELayer on each group's tokens (capacity agreed over the expert-parallel group)."""
+        if self.group_names == ["all"] and routing.members["all"].numel() == flat.shape[0]:
+            out, aux, _ = self.all_moe(flat)
+            self.aux_loss = aux
+            return out
+        out = torch.zeros_like(flat)
+        aux = flat.new_zeros((), dtype=torch.float32)
+        for name in self.group_names:
+            idx = routing.members[name]
             y, l_aux, _ = getattr(self, f"{name}_moe")(flat.index_select(0, idx))
             out = out.index_copy(0, idx, y)
             aux = aux + l_aux
         self.aux_loss = aux
-        return out.view_as(x)
+        return out
 
     def gates(self) -> dict[str, nn.Module]:
         return {name: getattr(self, f"{name}_moe").deepspeed_moe.gate for name in self.group_names}

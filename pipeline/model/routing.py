@@ -1,4 +1,5 @@
-"""Learned routers inside one modality group, as gates for DeepSpeed's MOELayer.
+"""Learned routers inside one modality group, as gates for DeepSpeed's MOELayer — the reference
+dispatch (ModelConfig.moe_dispatch = "deepspeed"); the default dispatch is moe.py's.
 
 DeepSpeed 0.19's MOELayer calls ``gate(x[S, d], used_token[S], True, use_tutel)`` and expects
 ``(l_aux, C, E, indices[R, S], locations[R, S], gates[R, S], exp_counts[E])``: for each of R routes
@@ -8,7 +9,8 @@ experts and combines ``sum_r gates[r] * expert_out``. ``used_token`` marks the t
 group's modality; every other token gets no route, hence a zero output from this group.
 
 ExpertChoiceGate (the paper's router): scores s = sigmoid(x W_g); expert j takes the top
-k = ceil(b * capacity_factor / E) tokens of the group by s[:, j] (b = the group's tokens on this
+k = ceil(b * capacity_factor / E) tokens of the group by logit x W_g[:, j] (the order of s, without
+its fp32 saturation) (b = the group's tokens on this
 rank), gate g = s for a selected token, 0 otherwise; no load-balancing loss. Routes: R = E, route j
 is expert j. TokenChoiceGate: each token picks its top-k experts (softmax or sigmoid scores),
 experts keep at most C = ceil(b * k * capacity_factor / E) of them (highest gate first), with the
@@ -92,8 +94,10 @@ class ExpertChoiceGate(_GroupGate):
         # No `if k > 0` shortcut: with k = 0 (a rank without this modality) the empty scatter still
         # links wg into the graph, so wg gets a (zero) gradient on every rank; ZeRO's gradient buckets
         # must hold the same parameters everywhere.
-        ranked = scores.masked_fill(~member.unsqueeze(1), -1.0)  # non-members rank below any sigmoid
-        top_scores, top_tokens = ranked.topk(k, dim=0)  # [k, E]: expert j's k best tokens
+        # rank by logit: the sigmoid saturates to 1.0 in fp32, and tied scores are broken arbitrarily
+        ranked = logits.masked_fill(~member.unsqueeze(1), float("-inf"))
+        top_logits, top_tokens = ranked.topk(k, dim=0)  # [k, E]: expert j's k best tokens
+        top_scores = torch.sigmoid(top_logits)
         tok = top_tokens.t()  # [E, k]
         indices.scatter_(1, tok, torch.arange(e, device=x.device, dtype=torch.int32).unsqueeze(1).expand(e, k))
         locations.scatter_(1, tok, torch.arange(k, device=x.device, dtype=torch.int32).expand(e, k))

@@ -20,6 +20,7 @@ from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.ffn import GroupedMoEFFN, build_ffn
+from moma.pipeline.model.moe import RoutingInfo, routing_info
 from moma.tokenizers.vocab import IGNORE_INDEX
 
 
@@ -78,9 +79,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg, ep_size)
 
-    def forward(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                routing: RoutingInfo | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
-        return h + self.ffn(self.ffn_norm(h), is_image)
+        return h + self.ffn(self.ffn_norm(h), is_image, routing)
 
 
 @dataclasses.dataclass
@@ -106,14 +108,29 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def routing(self, input_ids: torch.Tensor, collect_stats: bool = False) -> RoutingInfo | None:
+        """The micro-batch's routing metadata for every MoE layer (None without MoE layers)."""
+        spec = self.cfg.ffn_spec
+        if not spec.learned_routing:
+            return None
+        return routing_info(input_ids, self.cfg.image_offset, self.cfg.pad_id, [g for g, _ in spec.groups],
+                            collect_stats)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                return_logits: bool = False) -> ModelOutput:
+                return_logits: bool = False, routing: RoutingInfo | None = None) -> ModelOutput:
         if input_ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
+        if input_ids.shape[1] == 1 and self.cfg.ffn_spec.learned_routing and self.cfg.router == "expert_choice":
+            # expert choice ranks tokens against each other across the batch: over one token per
+            # sequence every expert takes every token (a check found gates summing to 2.47)
+            raise ValueError("expert-choice routing is not causal: it cannot run one token at a time "
+                             "(autoregressive decoding needs causal routing with auxiliary routers)")
         is_image = input_ids >= self.cfg.image_offset
+        if routing is None:
+            routing = self.routing(input_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, is_image, self.rope_cos, self.rope_sin)
+            h = layer(h, is_image, self.rope_cos, self.rope_sin, routing)
         logits = self.output(self.norm(h)).float()
         logits = logits[..., : self.cfg.vocab_size]  # padded rows are never predicted
         aux = sum((layer.ffn.aux_loss for layer in self.layers if isinstance(layer.ffn, GroupedMoEFFN)),

@@ -37,7 +37,7 @@ class ModelSection:
     ffn: str = "moma_4t4i"
     # any ModelConfig field but those the tokenizers and `ffn` decide, typed against ModelConfig
     overrides: dict[str, Any] = fields_of("moma.pipeline.model.config:ModelConfig",
-                                          exclude=("vocab_size", "image_offset", "ffn"))
+                                          exclude=("vocab_size", "image_offset", "pad_id", "ffn"))
 
 
 @dataclasses.dataclass

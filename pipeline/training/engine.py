@@ -117,7 +117,8 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 
 def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float = 0.0,
                       lr_lambda: Callable[[int], float] | None = None) -> Any:
-    """deepspeed.initialize with MoE parameter groups; the optimizer comes from ds_config['optimizer']."""
+    """deepspeed.initialize with MoE parameter groups; the optimizer comes from ds_config['optimizer'].
+    Under expert parallelism the MoE layers get their all-to-all (exact split sizes) here."""
     import deepspeed
 
     params = optimizer_param_groups(model, weight_decay)
@@ -127,4 +128,67 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                            lr_scheduler=scheduler)
+    install_expert_exchange(engine.module)
     return engine
+
+
+class AllToAll:
+    """The expert-parallel exchange of moe.py: rows to and from every rank of the group, with exact
+    split sizes (gloo and NCCL both take them), differentiable."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __call__(self, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_to_all_single
+
+        out = rows.new_empty((sum(recv), *rows.shape[1:]))
+        return all_to_all_single(out, rows.contiguous(), output_split_sizes=recv, input_split_sizes=send,
+                                 group=self.group)
+
+
+def _expert_group(module: torch.nn.Module) -> tuple[Any, int] | None:
+    """(DeepSpeed's expert-parallel group, its size) of the model's MoE layers; None for ep 1."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    sizes = {m.ep_size for m in module.modules() if hasattr(m, "ep_size") and hasattr(m, "deepspeed_moe")}
+    if not sizes or max(sizes) == 1 or not dist.is_initialized():
+        return None
+    ep = sizes.pop()
+    return groups._get_expert_parallel_group(expert_group_name(ep)), ep
+
+
+def install_expert_exchange(module: torch.nn.Module) -> None:
+    """Give every MoE FFN the all-to-all of its expert-parallel group (ep > 1)."""
+    from moma.pipeline.model.ffn import GroupedMoEFFN
+
+    found = _expert_group(module)
+    if found is None:
+        return
+    exchange = AllToAll(found[0])
+    for m in module.modules():
+        if isinstance(m, GroupedMoEFFN):
+            m.exchange = exchange
+
+
+def routing_for(module: torch.nn.Module, input_ids: torch.Tensor, collect_stats: bool = False) -> Any:
+    """The micro-batch's routing metadata for all MoE layers of `module` (the model, or an engine's
+    module): members from `input_ids`, and under expert parallelism every rank's token counts by
+    group — one all-gather of a few integers per micro-batch, outside the model."""
+    import torch.distributed as dist
+
+    model = getattr(module, "module", module)
+    routing = model.routing(input_ids, collect_stats)
+    found = _expert_group(model)
+    if routing is None or found is None:
+        return routing
+    group, ep = found
+    names = sorted(routing.counts)
+    mine = torch.tensor([routing.counts[g][0] for g in names], dtype=torch.long, device=input_ids.device)
+    every = [torch.empty_like(mine) for _ in range(ep)]
+    dist.all_gather(every, mine, group=group)
+    table = torch.stack(every).tolist()
+    routing.counts = {g: [row[i] for row in table] for i, g in enumerate(names)}
+    routing.ep_rank = dist.get_rank(group)
+    return routing

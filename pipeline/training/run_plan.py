@@ -96,7 +96,7 @@ def model_config(cfg: TrainConfig, vocab: Vocab) -> ModelConfig:
     overrides.setdefault("max_seq_len", cfg.data.seq_len)
     try:
         return preset(cfg.model.preset, ffn=cfg.model.ffn, vocab_size=vocab.size, image_offset=vocab.image_offset,
-                      **overrides)
+                      pad_id=vocab.pad_id, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 

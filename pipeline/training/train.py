@@ -48,6 +48,7 @@ from moma.pipeline.training.engine import (
     init_distributed,
     initialize_engine,
     launch_env,
+    routing_for,
 )
 from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
 from moma.pipeline.training.run_plan import RunPlan, plan_run
@@ -227,7 +228,10 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
         done = 0
         while done < gas:
             batch = next(batches)
-            out = engine(batch["input_ids"].to(device), batch["labels"].to(device))
+            ids = batch["input_ids"].to(device)
+            # routing metadata once per micro-batch for every MoE layer; statistics on logged steps only
+            routing = routing_for(engine.module, ids, collect_stats=(progress.step + 1) % cfg.logging.every == 0)
+            out = engine(ids, batch["labels"].to(device), routing=routing)
             loss = out.loss
             if in_a_row < injected[progress.step + 1]:
                 loss = loss * float("nan")  # fault injection (debug_nonfinite_at): exercises the skip path

@@ -1,0 +1,159 @@
+"""The MoE dispatch: routing metadata computed once per micro-batch, and a dispatch that does only
+the work the routing asks for.
+
+    routing = routing_info(input_ids, cfg)                    # once per micro-batch, outside the layers
+    y = expert_choice(x_group, router, experts, routing.counts["text"], cf, exchange)   # per layer and group
+
+Expert choice in a group of E experts over b tokens of its modality (pads excluded): expert j takes
+its k = min(b, ceil(b · capacity_factor / E)) tokens with the highest router *logit* (ranking by the
+sigmoid saturates in fp32 and breaks ties arbitrarily; the gate value is still sigmoid(logit)). The
+k tokens of every expert are gathered into [E · k, d] rows, each local expert runs on exactly its
+rows (no padding to a common capacity), and the outputs are combined with `index_add` in fp32.
+
+Expert parallelism is not this module's business: an `exchange(rows, send_splits, recv_splits)`
+(an all-to-all with exact split sizes, installed by training/engine.py) moves expert e's rows to the
+rank that holds it and back. Every split size follows from the per-rank token counts of the
+micro-batch (`RoutingInfo.counts`, one small exchange for all layers, made by the caller), so a layer
+has no collective and no host sync of its own: a rank whose micro-batch holds no image token sends
+0 image rows, and an image expert computes sum_r k_r rows, not ep · max_r k_r.
+
+Token choice (for comparison): each token picks its top-k experts (softmax or sigmoid), each expert
+keeps its C = min(b, ceil(b · k · capacity_factor / E)) highest-gate choosers (the slots it has no
+chooser for are sent as gate-0 rows: token choice's capacity padding), plus the Switch load-balancing
+loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# rows, send_splits (rows to each rank), recv_splits (rows from each rank) -> received rows
+Exchange = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
+
+
+@dataclasses.dataclass
+class RoutingInfo:
+    """What every MoE layer of one forward needs about its micro-batch."""
+
+    members: dict[str, torch.Tensor]  # group -> flat indices of its tokens (pads excluded), long
+    counts: dict[str, list[int]]  # group -> its token count on every rank of the expert-parallel group
+    ep_rank: int = 0
+    collect_stats: bool = False  # routing statistics (logged steps only: they cost host syncs)
+
+    @property
+    def local_counts(self) -> dict[str, int]:
+        return {g: c[self.ep_rank] for g, c in self.counts.items()}
+
+
+def routing_info(input_ids: torch.Tensor, image_offset: int, pad_id: int | None, groups: Sequence[str],
+                 collect_stats: bool = False) -> RoutingInfo:
+    """Each group's members in `input_ids` (image tokens, text tokens, or all; pads in none), with
+    this rank's counts only (the caller fills the other ranks' under expert parallelism)."""
+    flat = input_ids.reshape(-1)
+    real = flat != pad_id if pad_id is not None else torch.ones_like(flat, dtype=torch.bool)
+    image = flat >= image_offset
+    masks = {"all": real, "text": real & ~image, "image": image}
+    members = {g: masks[g].nonzero().squeeze(1) for g in groups}  # the micro-batch's one host sync
+    return RoutingInfo(members, {g: [int(m.numel())] for g, m in members.items()}, 0, collect_stats)
+
+
+def ec_capacity(tokens: int, experts: int, capacity_factor: float) -> int:
+    return min(tokens, math.ceil(tokens * capacity_factor / experts))
+
+
+def tc_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
+    return min(tokens, math.ceil(tokens * k * capacity_factor / experts))
+
+
+def _run_experts(rows: torch.Tensor, experts: nn.ModuleList, per_rank_slots: list[int],
+                 exchange: Exchange | None, ep_rank: int) -> tuple[torch.Tensor, list[int]]:
+    """`rows` [E · k_self, d] in global expert order -> each expert's outputs, same order. With an
+    exchange, rank q's k_q rows of local expert e are gathered from every rank, run, and returned.
+    Returns the outputs and the rows each local expert processed."""
+    local = len(experts)
+    if exchange is None:
+        k = per_rank_slots[ep_rank]
+        outs = [expert(rows[e * k:(e + 1) * k]) for e, expert in enumerate(experts)]
+        return torch.cat(outs) if outs else rows, [k] * local
+    ep = len(per_rank_slots)
+    send = [local * per_rank_slots[ep_rank]] * ep
+    recv = [local * k for k in per_rank_slots]
+    got = exchange(rows, send, recv)  # from rank q: its [local, k_q, d] rows for my experts
+    by_rank = list(got.split(recv))
+    pieces = [[blk[e * k:(e + 1) * k] for blk, k in zip(by_rank, per_rank_slots)] for e in range(local)]
+    outs = [expert(torch.cat(pieces[e])) for e, expert in enumerate(experts)]
+    # back to the layout the ranks sent: for rank q, its rows of expert 0, expert 1, ...
+    back_by_expert = [list(out.split(per_rank_slots)) for out in outs]
+    back = torch.cat([back_by_expert[e][q] for q in range(ep) for e in range(local)])
+    return exchange(back, recv, send), [sum(per_rank_slots)] * local
+
+
+def _combine(x: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum over routes of gate · expert output, accumulated in fp32 (gates stay fp32, as routing)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_index, y.float() * gates.unsqueeze(1))
+    return out.to(x.dtype)
+
+
+def expert_choice(x: torch.Tensor, router: nn.Linear, experts: nn.ModuleList, counts: list[int], ep_rank: int,
+                  capacity_factor: float, exchange: Exchange | None = None
+                  ) -> tuple[torch.Tensor, dict[str, object]]:
+    """x [b, d]: this rank's tokens of the group. Returns the group's output [b, d] and what was
+    done (slots per rank, rows per local expert, the selection) for statistics and tests."""
+    num_experts = router.out_features
+    slots = [ec_capacity(c, num_experts, capacity_factor) for c in counts]
+    k = slots[ep_rank]
+    logits = F.linear(x.float(), router.weight.float())  # [b, E], routing in fp32
+    top_logits, top_tokens = logits.topk(k, dim=0)  # [k, E]: each expert's k best tokens, by logit
+    token_index = top_tokens.t().reshape(-1)  # [E * k], expert-major
+    gates = torch.sigmoid(top_logits).t().reshape(-1)
+    y, rows = _run_experts(x.index_select(0, token_index), experts, slots, exchange, ep_rank)
+    return _combine(x, token_index, gates, y), {"logits": logits, "token_index": token_index, "slots": slots,
+                                                "rows": rows}
+
+
+def token_choice(x: torch.Tensor, router: nn.Linear, experts: nn.ModuleList, counts: list[int], ep_rank: int,
+                 capacity_factor: float, k: int, score: str, exchange: Exchange | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    """Top-k token choice with per-expert capacity; returns output, the Switch aux loss, and stats."""
+    b, num_experts = x.shape[0], router.out_features
+    slots = [tc_capacity(c, num_experts, k, capacity_factor) for c in counts]
+    cap = slots[ep_rank]
+    logits = F.linear(x.float(), router.weight.float())
+    probs = logits.softmax(-1) if score == "softmax" else torch.sigmoid(logits)
+    top_p, top_e = probs.topk(k, dim=-1)  # [b, k]
+    if score == "softmax" and k > 1:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    gate_of = torch.zeros_like(probs).scatter(1, top_e, top_p)  # [b, E]: a token's gate for each chosen expert
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_e, True)
+    wanted = torch.where(chosen, probs.detach(), torch.full_like(probs, -1.0))
+    best, best_tokens = wanted.topk(cap, dim=0)  # [cap, E]: each expert keeps its highest-gate choosers
+    token_index = best_tokens.t().reshape(-1)
+    expert_of = torch.arange(num_experts, device=x.device).repeat_interleave(cap)
+    gates = gate_of[token_index, expert_of] * (best.t().reshape(-1) >= 0)  # empty slots: gate 0
+    y, rows = _run_experts(x.index_select(0, token_index), experts, slots, exchange, ep_rank)
+    n = max(b, 1)
+    share = chosen.float().sum(0) / (n * k)
+    l_aux = num_experts * (share * probs.sum(0) / n).sum()
+    kept = torch.zeros(b, dtype=torch.long, device=x.device).index_add_(
+        0, token_index, (best.t().reshape(-1) >= 0).long())
+    return _combine(x, token_index, gates, y), l_aux, {"logits": logits, "token_index": token_index,
+                                                       "slots": slots, "rows": rows, "kept": kept}
+
+
+@torch.no_grad()
+def routing_stats(logits: torch.Tensor, picks: torch.Tensor, per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of one group's routing (logged steps only)."""
+    n = max(picks.numel(), 1)
+    probs = logits.softmax(-1)
+    entropy = -(probs * probs.clamp(min=1e-9).log()).sum(-1)
+    return {"tokens": torch.tensor(picks.numel()), "tokens_per_expert": per_expert,
+            "picked_0": (picks == 0).sum() / n, "picked_1": (picks == 1).sum() / n,
+            "picked_2plus": (picks >= 2).sum() / n,
+            "router_entropy": entropy.mean() if picks.numel() else entropy.new_zeros(())}
