@@ -5,10 +5,12 @@ moma_1t1i  one SwiGLU per modality; each token goes through its own modality's F
 moe_Nx     one DeepSpeed MoE layer over all tokens with a learned router
 moma_NtMi  one DeepSpeed MoE layer per modality group; a group sees only its modality's tokens
 
-The MoE layers are DeepSpeed's own (``deepspeed.moe.layer.MoE``: its Experts container, its
-MOELayer dispatch and all-to-all, its per-expert checkpoint files) with our router swapped in as
-the gate. `ep_size` only decides how many experts each rank holds; DeepSpeed's process groups are
-created in training/engine.py and global expert names live in training/expert_layout.py.
+The MoE layers are DeepSpeed's own modules (``deepspeed.moe.layer.MoE``: its Experts container, its
+expert-parallel groups and ZeRO parameter groups, its per-expert checkpoint files) with our router
+as the gate; the forward is moe.py's dispatch (each expert computes exactly its routed rows), or
+DeepSpeed's MOELayer with `moe_dispatch: deepspeed` (the reference). `ep_size` only decides how many
+experts each rank holds; the process groups and the all-to-all are wired in training/engine.py, and
+global expert names live in training/expert_layout.py.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class GroupedMoEFFN(nn.Module):
             if self.exchange is not None:
                 raise RuntimeError("expert parallelism: the forward needs the micro-batch's routing metadata "
                                    "(training/engine.py routing_for)")
+            # called on its own (tests, benchmarks): membership from the modality mask, no pads known
             routing = routing_info(is_image.long() * self.cfg.image_offset, self.cfg.image_offset, None,
                                    self.group_names)
         flat = x.reshape(-1, x.shape[-1])

@@ -132,6 +132,28 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_
     return engine
 
 
+class _AllToAllRows(torch.autograd.Function):
+    """all_to_all_single with split sizes; its backward is the same exchange the other way."""
+
+    @staticmethod
+    def forward(ctx: Any, group: Any, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group, ctx.send, ctx.recv = group, send, recv
+        out = rows.new_empty((sum(recv), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        import torch.distributed as dist
+
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
+                               group=ctx.group)
+        return None, back, None, None
+
+
 class AllToAll:
     """The expert-parallel exchange of moe.py: rows to and from every rank of the group, with exact
     split sizes (gloo and NCCL both take them), differentiable."""
@@ -140,11 +162,7 @@ class AllToAll:
         self.group = group
 
     def __call__(self, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_to_all_single
-
-        out = rows.new_empty((sum(recv), *rows.shape[1:]))
-        return all_to_all_single(out, rows.contiguous(), output_split_sizes=recv, input_split_sizes=send,
-                                 group=self.group)
+        return _AllToAllRows.apply(self.group, rows, send, recv)
 
 
 def _expert_group(module: torch.nn.Module) -> tuple[Any, int] | None:
