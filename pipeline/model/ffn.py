@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
-from moma.pipeline.model.moe import Exchange, RoutingInfo, expert_choice, routing_info, routing_stats, token_choice
+from moma.pipeline.model.moe import (
+    Exchange,
+    RoutingInfo,
+    ec_capacity,
+    expert_choice,
+    routing_info,
+    routing_stats,
+    tc_capacity,
+    token_choice,
+)
 from moma.pipeline.model.routing import ExpertChoiceGate, TokenChoiceGate
 
 
@@ -135,9 +144,18 @@ class GroupedMoEFFN(nn.Module):
         self.aux_loss = aux
         return out.view_as(x)
 
+    def _common_capacity(self, name: str, routing: RoutingInfo) -> int:
+        """DeepSpeed's buffers need one capacity on every rank: the largest local need, from every
+        rank's token count in the routing metadata (no collective)."""
+        n = dict(self.cfg.ffn_spec.groups)[name]
+        if self.cfg.router == "expert_choice":
+            return max(ec_capacity(c, n, self.cfg.capacity_factor) for c in routing.counts[name])
+        return max(tc_capacity(c, n, self.cfg.token_choice_k, self.cfg.capacity_factor) for c in routing.counts[name])
+
     def _deepspeed(self, flat: torch.Tensor, routing: RoutingInfo) -> torch.Tensor:
-        """DeepSpeed's MOELayer on each group's tokens (capacity agreed over the expert-parallel group)."""
+        """DeepSpeed's MOELayer on each group's tokens (a capacity common to the expert-parallel group)."""
         if self.group_names == ["all"] and routing.members["all"].numel() == flat.shape[0]:
+            self.all_moe.deepspeed_moe.gate.capacity = self._common_capacity("all", routing)
             out, aux, _ = self.all_moe(flat)
             self.aux_loss = aux
             return out
@@ -145,7 +163,9 @@ class GroupedMoEFFN(nn.Module):
         aux = flat.new_zeros((), dtype=torch.float32)
         for name in self.group_names:
             idx = routing.members[name]
-            y, l_aux, _ = getattr(self, f"{name}_moe")(flat.index_select(0, idx))
+            moe = getattr(self, f"{name}_moe")
+            moe.deepspeed_moe.gate.capacity = self._common_capacity(name, routing)
+            y, l_aux, _ = moe(flat.index_select(0, idx))
             out = out.index_copy(0, idx, y)
             aux = aux + l_aux
         self.aux_loss = aux

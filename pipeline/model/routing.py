@@ -18,10 +18,11 @@ Switch-Transformer load-balancing loss.
 
 Capacity C sizes the all-to-all buffers, so it must be equal on every rank of the expert-parallel
 group even when ranks hold different text/image mixes (gloo aborts on unequal sizes). Each rank
-computes its own k from its own tokens, then the group agrees on C = max k (one all-reduce of one
-integer); a rank with fewer selections leaves its extra slots empty. Routing is therefore a
-function of each rank's micro-batch alone: the same micro-batch routes the same way under any
-expert-parallel size.
+computes its own k from its own tokens; the common C = max_r k_r comes from the micro-batch's routing
+metadata (every rank's token counts, exchanged once outside the model), set as `capacity` before
+the layer runs — no collective here. A rank with fewer selections leaves its extra slots empty.
+Routing is a function of each rank's micro-batch alone: the same micro-batch routes the same way
+under any expert-parallel size.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,27 +38,23 @@ GateOutput = tuple[torch.Tensor, int, int, torch.Tensor, torch.Tensor, torch.Ten
 
 class _GroupGate(nn.Module):
     """Common part: router weight ``wg`` (DeepSpeed's name, kept out of the expert checkpoint files),
-    the expert-parallel group handle, capacity agreement and routing statistics."""
+    the common capacity of the expert-parallel group (from the routing metadata) and routing statistics."""
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float) -> None:
         super().__init__()
         self.wg = nn.Linear(d_model, num_experts, bias=False)
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
-        self.ep_group: dist.ProcessGroup | None = None
+        self.capacity: int | None = None  # the expert-parallel group's common capacity (set per forward)
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    def _set_ep_group(self, ep_group: dist.ProcessGroup) -> None:
-        self.ep_group = ep_group
+    def _set_ep_group(self, ep_group: object) -> None:
+        """DeepSpeed hands its MOELayer's gate the expert-parallel group; capacity comes from the
+        routing metadata instead, so the gate keeps no group."""
 
-    def _agree(self, local_capacity: int, device: torch.device) -> int:
+    def _agree(self, local_capacity: int) -> int:
         """The buffer size every rank of the expert-parallel group uses: the largest local need (>= 1)."""
-        cap = max(local_capacity, 1)
-        if self.ep_group is not None and dist.is_initialized() and dist.get_world_size(self.ep_group) > 1:
-            t = torch.tensor([cap], dtype=torch.long, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ep_group)
-            cap = int(t.item())
-        return cap
+        return max(self.capacity if self.capacity is not None else local_capacity, local_capacity, 1)
 
     @torch.no_grad()
     def _record(self, logits: torch.Tensor, member: torch.Tensor, picked: torch.Tensor,
@@ -87,7 +83,7 @@ class ExpertChoiceGate(_GroupGate):
         member = used_token.bool() if used_token is not None else torch.ones(s, dtype=torch.bool, device=x.device)
         b = int(member.sum())
         k = min(b, math.ceil(b * self.capacity_factor / e))
-        capacity = self._agree(k, x.device)
+        capacity = self._agree(k)
 
         indices = torch.full((e, s), -1, dtype=torch.int32, device=x.device)
         locations = torch.zeros((e, s), dtype=torch.int32, device=x.device)
@@ -122,7 +118,7 @@ class TokenChoiceGate(_GroupGate):
         member = used_token.bool() if used_token is not None else torch.ones(s, dtype=torch.bool, device=x.device)
         b = int(member.sum())
         local_cap = min(b, math.ceil(b * k * self.capacity_factor / e))
-        capacity = self._agree(local_cap, x.device)
+        capacity = self._agree(local_cap)
 
         top_p, top_e = probs.topk(k, dim=-1)  # [S, k]
         if self.score == "softmax" and k > 1:
