@@ -130,18 +130,6 @@ class Cursor:
         return [positions[i] for i in order]
 
 
-def remaining(cursor: Cursor, shards: SourceShards, lanes: int, block_size: int) -> int:
-    """Documents the cursor has still to emit up to its `until` (OPEN: to the end of its epoch)."""
-    total = shards.total
-    c = dataclasses.replace(cursor)
-    lo, hi = share(total, c.stream, c.streams)
-    per_lane = -(-block_size // lanes)
-    done = sum(min(b - a, c.block * per_lane) for a, b in c.lanes_of(total, lanes)) + c.offset
-    left = (hi - lo) - done
-    last = c.epoch if c.until == OPEN else c.until
-    return max(left, 0) + (last - c.epoch) * (hi - lo) if last >= c.epoch else 0
-
-
 def resplit_cursors(old: list[list[Cursor]], new_streams: int) -> list[list[Cursor]]:
     """One source: the cursor lists of all old streams (in stream order) -> those of `new_streams`.
     Every unfinished old cursor is continued, unchanged, up to the most advanced old epoch; each new

@@ -76,6 +76,7 @@ class ModelConfig:
     pad_vocab_multiple: int = 64  # embedding/output rows padded for efficient matmuls
     pad_id: int | None = None  # the vocabulary's <|pad|>: routed to no expert (set from the tokenizers)
     moe_dispatch: str = "moma"  # moma: exact work (moe.py) | deepspeed: DeepSpeed's MOELayer (the reference)
+    aux_routers: bool = False  # the auxiliary routers of causal inference (MoMa §2.4), one per MoE layer and group
 
     def __post_init__(self) -> None:
         spec = parse_ffn(self.ffn)

@@ -21,12 +21,16 @@ from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.moe import (
+    AuxRouter,
     Exchange,
     RoutingInfo,
+    aux_router_stats,
+    causal_choice,
     ec_capacity,
     expert_choice,
     routing_info,
     routing_stats,
+    selection_mask,
     tc_capacity,
     token_choice,
 )
@@ -103,6 +107,12 @@ class GroupedMoEFFN(nn.Module):
         self.aux_loss = torch.zeros(())
         self.exchange: Exchange | None = None  # expert parallelism's all-to-all, installed by training/engine.py
         self.last_rows: dict[str, list[int]] = {}  # rows each local expert processed in the last forward
+        # the paper's auxiliary routers for causal inference (trained after pre-training, main model
+        # frozen): one per group, named so that DeepSpeed keeps them out of the per-expert files
+        self.causal_routers = nn.ModuleDict({name: AuxRouter(cfg.d_model, n) for name, n in cfg.ffn_spec.groups}) \
+            if cfg.aux_routers else None
+        self.aux_router_loss = torch.zeros(())
+        self.aux_router_stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, is_image: torch.Tensor, routing: RoutingInfo | None = None) -> torch.Tensor:
         if routing is None:
@@ -113,15 +123,22 @@ class GroupedMoEFFN(nn.Module):
             routing = routing_info(is_image.long() * self.cfg.image_offset, self.cfg.image_offset, None,
                                    self.group_names)
         flat = x.reshape(-1, x.shape[-1])
-        if self.cfg.moe_dispatch == "deepspeed":
+        if (routing.mode == "causal" or routing.aux_targets) and self.causal_routers is None:
+            raise ValueError("this model has no auxiliary routers (train them: moma train-aux-routers)")
+        if self.cfg.moe_dispatch == "deepspeed" and routing.mode == "ec" and not routing.aux_targets:
             return self._deepspeed(flat, routing).view_as(x)
         out = torch.zeros_like(flat)
         aux = flat.new_zeros((), dtype=torch.float32)
+        aux_router_loss = flat.new_zeros((), dtype=torch.float32)
         for name in self.group_names:
             moe = getattr(self, f"{name}_moe").deepspeed_moe
             idx = routing.members[name]
             xs = flat.index_select(0, idx)
             experts, gate = moe.experts.deepspeed_experts, moe.gate
+            if routing.mode == "causal":
+                y, done = causal_choice(xs, gate.wg, self.causal_routers[name], experts)
+                out = out.index_copy(0, idx, y)
+                continue
             if self.cfg.router == "expert_choice":
                 y, done = expert_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
                                         self.cfg.capacity_factor, self.exchange)
@@ -134,6 +151,12 @@ class GroupedMoEFFN(nn.Module):
                 picks = done["kept"]
             out = out.index_copy(0, idx, y)
             self.last_rows[name] = done["rows"]
+            if routing.aux_targets:  # fit this group's auxiliary router to expert choice's selections
+                logits = self.causal_routers[name](xs.detach())
+                target = selection_mask(done["token_index"], xs.shape[0], gate.wg.out_features)
+                aux_router_loss = aux_router_loss + F.binary_cross_entropy_with_logits(logits, target)
+                if routing.collect_stats:
+                    self.aux_router_stats[name] = aux_router_stats(logits, target)
             if routing.collect_stats:
                 with torch.no_grad():
                     if picks is None:
@@ -142,6 +165,7 @@ class GroupedMoEFFN(nn.Module):
                     per_expert = torch.full((gate.wg.out_features,), done["slots"][routing.ep_rank])
                     gate.last_stats = routing_stats(done["logits"], picks, per_expert)
         self.aux_loss = aux
+        self.aux_router_loss = aux_router_loss
         return out.view_as(x)
 
     def _common_capacity(self, name: str, routing: RoutingInfo) -> int:

@@ -37,6 +37,9 @@ from torch import nn
 Exchange = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
 
 
+ROUTING_MODES = ("ec", "causal")
+
+
 @dataclasses.dataclass
 class RoutingInfo:
     """What every MoE layer of one forward needs about its micro-batch."""
@@ -45,6 +48,8 @@ class RoutingInfo:
     counts: dict[str, list[int]]  # group -> its token count on every rank of the expert-parallel group
     ep_rank: int = 0
     collect_stats: bool = False  # routing statistics (logged steps only: they cost host syncs)
+    mode: str = "ec"  # ec: expert choice (training) | causal: each token alone, by the auxiliary routers
+    aux_targets: bool = False  # fit the auxiliary routers to this forward's expert-choice selections
 
     @property
     def local_counts(self) -> dict[str, int]:
@@ -52,7 +57,7 @@ class RoutingInfo:
 
 
 def routing_info(input_ids: torch.Tensor, image_offset: int, pad_id: int | None, groups: Sequence[str],
-                 collect_stats: bool = False) -> RoutingInfo:
+                 collect_stats: bool = False, mode: str = "ec", aux_targets: bool = False) -> RoutingInfo:
     """Each group's members in `input_ids` (image tokens, text tokens, or all; pads in none), with
     this rank's counts only (the caller fills the other ranks' under expert parallelism)."""
     flat = input_ids.reshape(-1)
@@ -60,7 +65,10 @@ def routing_info(input_ids: torch.Tensor, image_offset: int, pad_id: int | None,
     image = flat >= image_offset
     masks = {"all": real, "text": real & ~image, "image": image}
     members = {g: masks[g].nonzero().squeeze(1) for g in groups}  # the micro-batch's one host sync
-    return RoutingInfo(members, {g: [int(m.numel())] for g, m in members.items()}, 0, collect_stats)
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
+    return RoutingInfo(members, {g: [int(m.numel())] for g, m in members.items()}, 0, collect_stats, mode,
+                       aux_targets)
 
 
 def ec_capacity(tokens: int, experts: int, capacity_factor: float) -> int:
@@ -145,6 +153,58 @@ def token_choice(x: torch.Tensor, router: nn.Linear, experts: nn.ModuleList, cou
         0, token_index, (best.t().reshape(-1) >= 0).long())
     return _combine(x, token_index, gates, y), l_aux, {"logits": logits, "token_index": token_index,
                                                        "slots": slots, "rows": rows, "kept": kept}
+
+
+class AuxRouter(nn.Module):
+    """The paper's auxiliary router of one MoE layer and group (MoMa §2.4), for causal inference:
+    sigmoid(SiLU(x W1) W2), W1: d x d/2, W2: d/2 x E. `forward` returns the logits (the BCE is
+    taken with logits); expert j takes a token iff its score > 0.5, i.e. its logit > 0."""
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_model // 2, bias=False)
+        self.w2 = nn.Linear(d_model // 2, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x))).float()
+
+
+def causal_choice(x: torch.Tensor, router: nn.Linear, aux: AuxRouter, experts: nn.ModuleList
+                  ) -> tuple[torch.Tensor, dict[str, object]]:
+    """Causal routing on one process (every expert local): each token on its own goes to expert j
+    iff aux score_j > 0.5; the gate is the main router's sigmoid, as in expert choice. A token's
+    output depends on that token alone, so the model's logits at t do not depend on tokens after t."""
+    if len(experts) != router.out_features:
+        raise RuntimeError("causal routing runs on one process with every expert (an export, or ep_size 1)")
+    logits = F.linear(x.float(), router.weight.float())
+    pick = aux(x) > 0  # [b, E]
+    expert_of, token_index = pick.t().nonzero(as_tuple=True)  # expert-major, like expert choice
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for j, expert in enumerate(experts):
+        idx = token_index[expert_of == j]
+        if idx.numel():
+            gate = torch.sigmoid(logits[idx, j]).unsqueeze(1)
+            out.index_add_(0, idx, expert(x.index_select(0, idx)).float() * gate)
+    return out.to(x.dtype), {"logits": logits, "token_index": token_index, "pick": pick}
+
+
+def selection_mask(token_index: torch.Tensor, tokens: int, experts: int) -> torch.Tensor:
+    """[tokens, experts] 1.0 where expert choice selected the token (token_index is expert-major)."""
+    k = token_index.numel() // max(experts, 1)
+    mask = torch.zeros(tokens, experts, device=token_index.device)
+    if k:
+        mask[token_index.view(experts, k), torch.arange(experts, device=token_index.device).unsqueeze(1)] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def aux_router_stats(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Accuracy, precision and recall of the auxiliary router's decisions against expert choice's."""
+    pred = logits > 0
+    truth = target > 0.5
+    tp = (pred & truth).sum()
+    return {"accuracy": (pred == truth).float().mean() if pred.numel() else logits.new_zeros(()),
+            "precision": tp / pred.sum().clamp(min=1), "recall": tp / truth.sum().clamp(min=1)}
 
 
 @torch.no_grad()

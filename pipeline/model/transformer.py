@@ -93,6 +93,7 @@ class ModelOutput:
     z_loss: torch.Tensor
     aux_loss: torch.Tensor
     logits: torch.Tensor | None = None
+    aux_router_loss: torch.Tensor | None = None  # BCE of the auxiliary routers (routing.aux_targets)
 
 
 class Transformer(nn.Module):
@@ -108,37 +109,45 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def routing(self, input_ids: torch.Tensor, collect_stats: bool = False) -> RoutingInfo | None:
-        """The micro-batch's routing metadata for every MoE layer (None without MoE layers)."""
+    def routing(self, input_ids: torch.Tensor, collect_stats: bool = False, mode: str = "ec",
+                aux_targets: bool = False) -> RoutingInfo | None:
+        """The micro-batch's routing metadata for every MoE layer (None without MoE layers).
+        mode "causal": each token routed on its own by the auxiliary routers (inference)."""
         spec = self.cfg.ffn_spec
         if not spec.learned_routing:
             return None
         return routing_info(input_ids, self.cfg.image_offset, self.cfg.pad_id, [g for g, _ in spec.groups],
-                            collect_stats)
+                            collect_stats, mode, aux_targets)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 return_logits: bool = False, routing: RoutingInfo | None = None) -> ModelOutput:
         if input_ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
-        if input_ids.shape[1] == 1 and self.cfg.ffn_spec.learned_routing and self.cfg.router == "expert_choice":
+        if routing is None:
+            routing = self.routing(input_ids)
+        ec = routing is not None and routing.mode == "ec" and self.cfg.router == "expert_choice"
+        if input_ids.shape[1] == 1 and ec:
             # expert choice ranks tokens against each other across the batch: over one token per
             # sequence every expert takes every token (a check found gates summing to 2.47)
             raise ValueError("expert-choice routing is not causal: it cannot run one token at a time "
                              "(autoregressive decoding needs causal routing with auxiliary routers)")
         is_image = input_ids >= self.cfg.image_offset
-        if routing is None:
-            routing = self.routing(input_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, is_image, self.rope_cos, self.rope_sin, routing)
         logits = self.output(self.norm(h)).float()
         logits = logits[..., : self.cfg.vocab_size]  # padded rows are never predicted
-        aux = sum((layer.ffn.aux_loss for layer in self.layers if isinstance(layer.ffn, GroupedMoEFFN)),
-                  torch.zeros((), device=h.device))
+        moe = [layer.ffn for layer in self.layers if isinstance(layer.ffn, GroupedMoEFFN)]
+        aux = sum((f.aux_loss for f in moe), torch.zeros((), device=h.device))
+        aux_router_loss = sum((f.aux_router_loss for f in moe), torch.zeros((), device=h.device)) \
+            if routing is not None and routing.aux_targets else None
         if labels is None:
             zero = torch.zeros((), device=h.device)
-            return ModelOutput(loss=zero, ce_sum={}, tokens={}, z_loss=zero, aux_loss=aux, logits=logits)
-        return self._loss(logits, labels, aux, return_logits)
+            return ModelOutput(loss=zero, ce_sum={}, tokens={}, z_loss=zero, aux_loss=aux, logits=logits,
+                               aux_router_loss=aux_router_loss)
+        out = self._loss(logits, labels, aux, return_logits)
+        out.aux_router_loss = aux_router_loss
+        return out
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor,
               return_logits: bool) -> ModelOutput:

@@ -163,9 +163,10 @@ def resume_from(engine: Any, plan: RunPlan, found: tuple[Path, str], ep_rank: in
     own = read_rank_states(tag_dir, old_world, [rank])[rank] if same else None
     if own is not None:
         set_rng_state(own["rng"])
-    if own is not None and own["loader"]["per_rank"] == plan.cfg.data.streams_per_rank:
+    if own is not None and (own["loader"]["per_rank"], own["loader"]["batch_size"]) == \
+            (plan.cfg.data.streams_per_rank, plan.cfg.parallel.micro_batch):
         loader_state: Any = own["loader"]
-    else:  # re-split: every old rank's loader state (small files, read once at start-up)
+    else:  # re-split (another world, worker count or micro batch): every old rank's loader state
         loader_state = [st["loader"] for _, st in sorted(read_rank_states(tag_dir, old_world).items())]
     if rank == 0:
         how = "same layout" if same else (f"re-sharded from world {old_world} / ep {layout['ep_size']} "
