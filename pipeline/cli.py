@@ -307,6 +307,16 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("eval", help="held-out loss by modality of a checkpoint or an export (one JSON line)")
+    p.add_argument("model", help="an export directory, a checkpoint directory (with 'latest') or a global_step* dir")
+    p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="held-out shard directories")
+    p.add_argument("--routing", choices=["ec", "causal"], default="ec",
+                   help="expert choice as trained, or causal (needs the auxiliary routers)")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len, at most 512")
+    p.set_defaults(func=_cmd_eval)
+
     p = sub.add_parser("plot", help="PNG loss curves by modality from a run's metrics.jsonl")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_plot)
@@ -340,6 +350,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.json, vocab.json)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from moma.pipeline.loader.loader import DataConfig, DataSource
+    from moma.pipeline.training.engine import configure_accelerator
+
+    configure_accelerator()
+    from moma.pipeline.training.evaluate import evaluate, heldout_batches, load_for_eval, model_forward
+
+    model, vocab = load_for_eval(args.model)
+    seq = args.seq_len or min(model.cfg.max_seq_len, 512)
+    sources = tuple(DataSource.parse(d) for d in args.data)
+    batches = heldout_batches(DataConfig(sources=sources, seq_len=seq), sources, vocab, args.batch_size,
+                              args.batches)
+    result = evaluate(model_forward(model), batches, args.routing)
+    print(json.dumps({"model": str(args.model), "routing": args.routing, "seq_len": seq,
+                      "batch_size": args.batch_size, **result}))
     return 0
 
 

@@ -267,3 +267,30 @@ def test_sigterm_checkpoints_and_exits_zero(data: dict[str, Path], tmp_path: Pat
     tag = (tmp_path / "run" / "checkpoints" / "latest").read_text()
     step = int(tag.removeprefix("global_step"))
     assert 3 <= step < 400 and read_metrics(tmp_path / "run")[-1]["step"] == step
+
+
+def test_heldout_evaluation_during_training_equals_moma_eval_of_the_checkpoint(
+        data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """eval.every on 2 ranks (ep 2) writes held-out losses by modality; `moma eval` of the final
+    checkpoint, and of its export, on one process gives the same figures on the same fixed set."""
+    from moma.pipeline.cli import main as cli_main
+
+    cfg = run_config(data, tmp_path / "run", max_steps=N, eval__every=2, eval__batches=3)
+    cfg["data"]["eval_sources"] = [{"path": str(data["books"])}]
+    config = write_config(cfg, tmp_path / "run.yaml")
+    run_deepspeed([*TRAIN, str(config)], log=tmp_path / "log")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval"] for r in rows if "eval" in r}
+    assert sorted(evals) == [2, 4] and evals[4]["batches"] == 3 and evals[4]["loss"] < evals[2]["loss"] + 1.0
+    args = ["--data", str(data["books"]), "--batches", "3", "--batch-size", "2", "--seq-len", "32"]
+    ckpt = tmp_path / "run" / "checkpoints"
+    export_checkpoint(ckpt, tmp_path / "export")
+    for model in (ckpt, tmp_path / "export"):
+        assert cli_main(["eval", str(model), *args]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        for key in ("loss", "loss_text"):
+            assert abs(got[key] - evals[4][key]) < 1e-5, (model, key, got[key], evals[4][key])
+        assert got["tokens_text"] == evals[4]["tokens_text"]
+    # bad input: causal routing of a model without auxiliary routers, a clear error
+    assert cli_main(["eval", str(tmp_path / "export"), "--data", str(data["captions"]), "--routing", "causal"]) == 2
+    assert "no auxiliary routers" in capsys.readouterr().err

@@ -80,6 +80,7 @@ class DataConfig:
     strict: bool = False  # bad shard data stops the run instead of being counted and skipped
     prefetch_factor: int = 4
     transport_chunk: int | None = None  # raw batches per worker->main item; None: ~64k tokens, at most 16
+    eval_sources: tuple[DataSource, ...] = ()  # held-out shards (training/evaluate.py; `eval.every`)
 
     @property
     def streams_per_rank(self) -> int:

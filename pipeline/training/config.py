@@ -84,6 +84,12 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    every: int = 0  # held-out evaluation every this many steps (and at the end); 0: never
+    batches: int = 8  # the fixed held-out set (training/evaluate.py), micro-batch-sized batches
+
+
+@dataclasses.dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -101,6 +107,7 @@ class TrainConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -33,7 +33,7 @@ class MetricsWriter:
         self.file.flush()
         if self.tb is not None:
             for key, value in _flatten(row).items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self.tb.add_scalar(key, value, row["step"])
 
     def close(self) -> None:

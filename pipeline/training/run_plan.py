@@ -119,6 +119,16 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
         resolved = resolve_sources(cfg.data, streams, vocab, "the run's tokenizers")
     except (IdentityMismatchError, ValueError, MomaError) as e:
         raise ConfigError(str(e)) from None
+    if cfg.eval.every and not cfg.data.eval_sources:
+        raise ConfigError(f"eval.every = {cfg.eval.every} but data.eval_sources is empty: name the held-out shards")
+    if cfg.eval.every < 0 or cfg.eval.batches < 1:
+        raise ConfigError("eval.every must be >= 0 and eval.batches >= 1")
+    if cfg.data.eval_sources:
+        try:
+            resolve_sources(dataclasses.replace(cfg.data, sources=cfg.data.eval_sources), 1, vocab,
+                            "the run's tokenizers")
+        except (IdentityMismatchError, ValueError, MomaError) as e:
+            raise ConfigError(f"data.eval_sources: {e}") from None
     model = model_config(cfg, vocab)
     ds = build_ds_config(cfg, world_size)
     try:

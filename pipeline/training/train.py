@@ -50,6 +50,7 @@ from moma.pipeline.training.engine import (
     launch_env,
     routing_for,
 )
+from moma.pipeline.training.evaluate import evaluate, heldout_batches
 from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
 from moma.pipeline.training.run_plan import RunPlan, plan_run
 from moma.tokenizers.fileio import write_json_atomic
@@ -218,6 +219,8 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
     bar = progress_bar(total=end, initial=progress.step, desc="train", disable=not info.is_main,
                        every_s=cfg.logging.progress_seconds)
     batches = iter(loader)
+    heldout = heldout_batches(cfg.data, cfg.data.eval_sources, plan.vocab, cfg.parallel.micro_batch,
+                              cfg.eval.batches) if cfg.eval.every else []
     in_a_row, code = 0, EXIT_OK
     saved_at = progress.step  # the step of the checkpoint on disk (a resume's own)
     injected = Counter(cfg.debug_nonfinite_at)
@@ -286,6 +289,8 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
             bar.set_postfix(loss=f"{row['loss']:.3f}", text=_fmt(row["loss_text"]), image=_fmt(row["loss_image"]))
         bar.update(1)
         preempted = sums[4] > 0
+        if heldout and (progress.step % cfg.eval.every == 0 or progress.step == end):
+            _evaluate(cfg, plan, engine, heldout, progress.step, writer, device)
         if preempted or progress.step == end or progress.step % cfg.checkpoint.every == 0:
             _save(cfg, plan, engine, loader, progress, ep_rank, info, final=preempted or progress.step == end)
             saved_at = progress.step
@@ -305,6 +310,26 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
     if writer:
         writer.close()
     return code
+
+
+def _evaluate(cfg: TrainConfig, plan: RunPlan, engine: Any, heldout: list[dict[str, Any]], step: int,
+              writer: MetricsWriter | None, device: torch.device) -> None:
+    """The held-out set on every rank (expert choice; causal too when the model has auxiliary routers
+    and every expert is local); rank 0 writes one metrics row."""
+    def forward(ids: torch.Tensor, labels: torch.Tensor, mode: str) -> Any:
+        routing = routing_for(engine.module, ids) if mode == "ec" else engine.module.routing(ids, mode=mode)
+        return engine(ids, labels, routing=routing)
+
+    modes = ["ec"] + (["causal"] if plan.model.aux_routers and cfg.parallel.ep_size == 1 else [])
+    engine.eval()
+    row: dict[str, Any] = {"step": step}
+    for mode in modes:
+        row["eval" if mode == "ec" else "eval_causal"] = evaluate(forward, heldout, mode, device)
+    engine.train()
+    if writer is not None:
+        writer.write(row)
+        write_progress(f"step {step}: held-out loss {row['eval']['loss']:.4f} (text {_fmt(row['eval']['loss_text'])}, "
+                       f"image {_fmt(row['eval']['loss_image'])})")
 
 
 def _grad_norm(engine: Any) -> float | None:
