@@ -307,6 +307,18 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("train-aux-routers",
+                       help="fit the auxiliary routers of causal inference to a checkpoint's expert choices "
+                            "(main model frozen; deepspeed launcher, ZeRO, expert parallelism as `train`)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides, e.g. optim.lr=1e-3")
+    p.add_argument("--from", dest="source", required=True, help="the pre-trained checkpoint (directory or tag)")
+    p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="training shards (DIR or DIR@WEIGHT)")
+    p.add_argument("--eval-data", nargs="*", default=[], metavar="SHARDS", help="held-out shards for precision/recall")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", default=None, help="run directory (default: beside the checkpoint, aux_routers/)")
+    p.add_argument("--resume", default="auto", help="auto (this run's latest checkpoint, if any) or a path")
+    p.set_defaults(func=_cmd_train_aux_routers)
+
     p = sub.add_parser("eval", help="held-out loss by modality of a checkpoint or an export (one JSON line)")
     p.add_argument("model", help="an export directory, a checkpoint directory (with 'latest') or a global_step* dir")
     p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="held-out shard directories")
@@ -351,6 +363,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.json, vocab.json)")
     return 0
+
+
+def aux_router_config(args: argparse.Namespace) -> TrainConfig:  # noqa: F821 (lazy import)
+    """The run config of an auxiliary-router fit: the checkpoint's own resolved config, pointed at the
+    new data, the fit's steps and run directory, plus the command line's overrides."""
+    from pathlib import Path
+
+    from moma.pipeline.config_parsing import apply_overrides
+    from moma.pipeline.loader.loader import DataSource
+    from moma.pipeline.training.checkpoint import CheckpointError, find_checkpoint, load_model_states
+    from moma.pipeline.training.config import TrainConfig, from_dict
+
+    found = find_checkpoint(args.source, Path(args.source))
+    if found is None:
+        raise CheckpointError(f"--from {args.source}: no checkpoint")
+    tag_dir = found[0] / found[1]
+    tree = load_model_states(tag_dir)["moma"]["config"]
+    sources = [DataSource.parse(d) for d in args.data]
+    tree["data"]["sources"] = [{"path": s.path, "weight": s.weight} for s in sources]
+    tree["data"]["eval_sources"] = [{"path": DataSource.parse(d).path} for d in args.eval_data]
+    tree["eval"] = {"every": max(1, args.steps // 4) if args.eval_data else 0,
+                    "batches": tree.get("eval", {}).get("batches", 8)}
+    tree.update(run_dir=args.out or str(Path(tree["run_dir"]) / "aux_routers"), max_steps=args.steps,
+                stop_at_step=None, aux_routers_from=str(tag_dir))
+    tree["schedule"]["warmup_steps"] = min(tree["schedule"]["warmup_steps"], max(1, args.steps // 10))
+    tree["checkpoint"]["dir"] = None
+    return from_dict(TrainConfig, apply_overrides(tree, args.overrides))
+
+
+def _cmd_train_aux_routers(args: argparse.Namespace) -> int:
+    from moma.pipeline.training.engine import configure_accelerator
+
+    configure_accelerator()
+    cfg = aux_router_config(args)
+    from moma.pipeline.training.train import train
+
+    return train(cfg, resume=args.resume)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -294,3 +294,38 @@ def test_heldout_evaluation_during_training_equals_moma_eval_of_the_checkpoint(
     # bad input: causal routing of a model without auxiliary routers, a clear error
     assert cli_main(["eval", str(tmp_path / "export"), "--data", str(data["captions"]), "--routing", "causal"]) == 2
     assert "no auxiliary routers" in capsys.readouterr().err
+
+
+def test_train_aux_routers_under_the_launcher_with_expert_parallelism(uninterrupted: Path, data: dict[str, Path],
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """`moma train-aux-routers` on 2 ranks (ZeRO-2, ep 2): the main model stays exactly as trained,
+    the routers' BCE falls, per layer and group precision/recall on held-out batches are written,
+    it stops and resumes like `moma train`, and the export routes causally."""
+    from moma.pipeline.cli import main as cli_main
+
+    ckpt = uninterrupted / "run" / "checkpoints"
+    out = tmp_path / "aux"
+    cmd = ["--module", "moma.pipeline.cli", "train-aux-routers", "--from", str(ckpt), "--data", str(data["captions"]),
+           "--eval-data", str(data["books"]), "--steps", "8", "--out", str(out), "optim.lr=0.01", "logging.every=1"]
+    run_deepspeed([*cmd, "stop_at_step=4"], log=tmp_path / "log1")
+    proc = run_deepspeed(cmd, log=tmp_path / "log2")
+    assert "resumed from" in proc.stdout + proc.stderr and "at step 4 (same layout)" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "aux_router_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert train_rows[-1]["aux_router_loss"] < train_rows[0]["aux_router_loss"]
+    held = [r["eval_aux_routers"] for r in rows if "eval_aux_routers" in r][-1]
+    assert sorted(held) == ["0.image", "0.text", "1.image", "1.text"]
+    assert all({"accuracy", "precision", "recall"} <= set(v) for v in held.values())
+    # the frozen main model: every pre-trained tensor unchanged; the routers new
+    before = export_checkpoint(ckpt, tmp_path / "e0")
+    after = export_checkpoint(out / "checkpoints", tmp_path / "e1")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(before / "model.safetensors")), load_file(str(after / "model.safetensors"))
+    assert set(b) - set(a) and all("causal_routers" in k for k in set(b) - set(a))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cli_main(["eval", str(after), "--data", str(data["books"]), "--routing", "causal", "--batches", "2",
+                     "--batch-size", "2", "--seq-len", "32"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] > 0

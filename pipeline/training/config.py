@@ -96,6 +96,9 @@ class TrainConfig:
     max_steps: int = 1000
     stop_at_step: int | None = None  # end this launch early (checkpointed); the schedule still spans max_steps
     max_nonfinite_in_a_row: int = 5  # NaN/inf losses skipped in a row before checkpoint-and-stop
+    # a pre-trained checkpoint whose model is frozen while this run fits its auxiliary routers (MoMa
+    # §2.4) to its expert-choice selections (`moma train-aux-routers`); None: ordinary training
+    aux_routers_from: str | None = None
     # Fault injection for tests of the skip path: each occurrence of step s makes one more micro-batch
     # of step s non-finite (on every rank). Empty in real runs.
     debug_nonfinite_at: list[int] = dataclasses.field(default_factory=list)

@@ -71,6 +71,11 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     o = cfg.optim
     for key, value in (("lr", o.lr), ("betas", list(o.betas)), ("eps", o.eps), ("weight_decay", o.weight_decay)):
         _fill(params, key, value, f"optimizer.params.{key}")
+    if cfg.aux_routers_from:
+        # fitting the auxiliary routers: the main model is frozen (no gradients, no optimizer state) and
+        # the routers are a few MB, so there is nothing for ZeRO to partition — and DeepSpeed's ZeRO
+        # optimizer refuses a MoE model without a trainable expert parameter group. Plain data parallel.
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError("fp16 is not supported (use bf16 or fp32; fp16 also fails on CPU)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)

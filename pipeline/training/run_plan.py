@@ -94,11 +94,36 @@ def model_config(cfg: TrainConfig, vocab: Vocab) -> ModelConfig:
     """The preset with the run's overrides (already typed against ModelConfig by the config tree)."""
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("max_seq_len", cfg.data.seq_len)
+    if cfg.aux_routers_from:
+        overrides["aux_routers"] = True
     try:
         return preset(cfg.model.preset, ffn=cfg.model.ffn, vocab_size=vocab.size, image_offset=vocab.image_offset,
                       pad_id=vocab.pad_id, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def check_aux_source(path: str, model: ModelConfig) -> Path:
+    """The checkpoint whose auxiliary routers a run fits: it must exist and hold this very model."""
+    from moma.pipeline.training.checkpoint import CheckpointError, find_checkpoint, load_model_states
+
+    try:
+        found = find_checkpoint(path, Path(path))
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint")
+        saved = load_model_states(found[0] / found[1])["moma"]["model"]
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"aux_routers_from: {e}") from None
+    if not model.ffn_spec.learned_routing or model.router != "expert_choice":
+        raise ConfigError(f"aux_routers_from: {model.ffn} with {model.router} routing has no expert-choice "
+                          f"router to make causal")
+    mine = model.to_json()
+    differ = sorted(k for k in set(saved) | set(mine) if k not in ("aux_routers", "max_seq_len", "moe_dispatch")
+                    and saved.get(k) != mine.get(k))
+    if differ:
+        what = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} here" for k in differ[:4])
+        raise ConfigError(f"aux_routers_from: {path} holds another model ({what})")
+    return found[0] / found[1]
 
 
 def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
@@ -130,6 +155,8 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
         except (IdentityMismatchError, ValueError, MomaError) as e:
             raise ConfigError(f"data.eval_sources: {e}") from None
     model = model_config(cfg, vocab)
+    if cfg.aux_routers_from:
+        check_aux_source(cfg.aux_routers_from, model)
     ds = build_ds_config(cfg, world_size)
     try:
         check_parallel_layout(model, cfg.parallel.ep_size, world_size, zero_stage(ds))

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from moma.pipeline.loader.loader import PackedLoader
 from moma.pipeline.training.checkpoint import (
+    CheckpointError,
     find_checkpoint,
     fsync_tree,
     install_safe_loading,
@@ -52,7 +53,7 @@ from moma.pipeline.training.engine import (
 )
 from moma.pipeline.training.evaluate import evaluate, heldout_batches
 from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
-from moma.pipeline.training.run_plan import RunPlan, plan_run
+from moma.pipeline.training.run_plan import RunPlan, check_aux_source, plan_run
 from moma.tokenizers.fileio import write_json_atomic
 from moma.tokenizers.progress import progress as progress_bar
 from moma.tokenizers.progress import write as write_progress
@@ -110,8 +111,28 @@ def setup_engine(cfg: TrainConfig) -> tuple[RunPlan, Any, Any, int]:
     ep_rank = expert_parallel_rank(ep)
     model = build_model(plan.model, ep_size=ep, seed=cfg.seed, ep_rank=ep_rank, device=info.device,
                         dtype=torch.bfloat16 if precision(plan.ds_config) == "bf16" else torch.float32)
+    if cfg.aux_routers_from:
+        freeze_all_but_aux_routers(model, check_aux_source(cfg.aux_routers_from, plan.model), ep, ep_rank)
     engine = initialize_engine(model, plan.ds_config, cfg.optim.weight_decay, lr_lambda(cfg))
     return plan, info, engine, ep_rank
+
+
+def freeze_all_but_aux_routers(model: torch.nn.Module, tag_dir: Path, ep: int, ep_rank: int) -> None:
+    """The pre-trained weights (this rank's experts by their global names), frozen: no gradient and
+    no optimizer state; only the auxiliary routers train."""
+    from moma.pipeline.training.expert_layout import ExpertLayout
+    from moma.pipeline.training.export import consolidated_state
+
+    state, _ = consolidated_state(tag_dir)
+    names = ExpertLayout(ep, ep_rank).global_names(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "causal_routers" in name:
+                continue
+            if names[name] not in state:
+                raise CheckpointError(f"{tag_dir} lacks {names[name]}: not this model")
+            p.copy_(state[names[name]].to(p.device, p.dtype))
+            p.requires_grad_(False)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> int:
@@ -235,8 +256,10 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
             ids = batch["input_ids"].to(device)
             # routing metadata once per micro-batch for every MoE layer; statistics on logged steps only
             routing = routing_for(engine.module, ids, collect_stats=(progress.step + 1) % cfg.logging.every == 0)
+            if cfg.aux_routers_from:
+                routing.aux_targets = True  # fit the auxiliary routers to this forward's selections
             out = engine(ids, batch["labels"].to(device), routing=routing)
-            loss = out.loss
+            loss = out.aux_router_loss if cfg.aux_routers_from else out.loss
             if in_a_row < injected[progress.step + 1]:
                 loss = loss * float("nan")  # fault injection (debug_nonfinite_at): exercises the skip path
             finite = _all_reduce([float(torch.isfinite(loss.detach()).all())], device, dist.ReduceOp.MIN)[0]
@@ -285,6 +308,9 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
                 "expert_load": expert_load(engine.module), "memory_mb": round(memory_mb(device), 1),
                 "docs_digest": hashlib.sha1("".join(digests).encode()).hexdigest()[:16],
             }
+            if cfg.aux_routers_from:
+                row["aux_router_loss"] = float(out.aux_router_loss)
+                row["aux_routers"] = aux_router_summary(engine.module)
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", text=_fmt(row["loss_text"]), image=_fmt(row["loss_image"]))
         bar.update(1)
@@ -312,6 +338,30 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
     return code
 
 
+def aux_router_summary(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Per layer and group (this rank's last forward with statistics): accuracy, precision, recall."""
+    out = {}
+    for i, layer in enumerate(getattr(model, "layers", [])):
+        for group, stats in getattr(layer.ffn, "aux_router_stats", {}).items():
+            out[f"{i}.{group}"] = {k: round(float(v), 4) for k, v in stats.items()}
+    return out
+
+
+def _heldout_aux_routers(engine: Any, heldout: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """The auxiliary routers' decisions on the held-out set against expert choice's, per layer and group."""
+    totals: dict[str, dict[str, float]] = {}
+    for batch in heldout:
+        ids = batch["input_ids"].to(device)
+        routing = routing_for(engine.module, ids, collect_stats=True)
+        routing.aux_targets = True
+        engine(ids, batch["labels"].to(device), routing=routing)
+        for key, stats in aux_router_summary(engine.module).items():
+            for k, v in stats.items():
+                totals.setdefault(key, {}).setdefault(k, 0.0)
+                totals[key][k] += v / len(heldout)
+    return {key: {k: round(v, 4) for k, v in stats.items()} for key, stats in totals.items()}
+
+
 def _evaluate(cfg: TrainConfig, plan: RunPlan, engine: Any, heldout: list[dict[str, Any]], step: int,
               writer: MetricsWriter | None, device: torch.device) -> None:
     """The held-out set on every rank (expert choice; causal too when the model has auxiliary routers
@@ -325,6 +375,9 @@ def _evaluate(cfg: TrainConfig, plan: RunPlan, engine: Any, heldout: list[dict[s
     row: dict[str, Any] = {"step": step}
     for mode in modes:
         row["eval" if mode == "ec" else "eval_causal"] = evaluate(forward, heldout, mode, device)
+    if cfg.aux_routers_from:
+        with torch.no_grad():
+            row["eval_aux_routers"] = _heldout_aux_routers(engine, heldout, device)
     engine.train()
     if writer is not None:
         writer.write(row)
