@@ -319,6 +319,22 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default="auto", help="auto (this run's latest checkpoint, if any) or a path")
     p.set_defaults(func=_cmd_train_aux_routers)
 
+    p = sub.add_parser("generate", help="text and images from an export (KV cache; one process, no DeepSpeed)")
+    p.add_argument("--model", required=True, help="a `moma export` directory")
+    p.add_argument("--prompt", default="", help="text after the (optional) image")
+    p.add_argument("--image", default=None, help="an image file put before the text (e.g. to caption it)")
+    p.add_argument("--generate-image", action="store_true", help="open an image after the prompt (<|boi|>)")
+    p.add_argument("--image-out", default=None, help="write the first generated image here (PNG)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64, or one image's codes + 2")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance inside images (> 1)")
+    p.add_argument("--no-cache", action="store_true", help="recompute every step (same tokens; slower)")
+    p.add_argument("--text-tokenizer", default=None, help="default: the path recorded in the export")
+    p.add_argument("--image-tokenizer", default=None)
+    p.set_defaults(func=_cmd_generate)
+
     p = sub.add_parser("eval", help="held-out loss by modality of a checkpoint or an export (one JSON line)")
     p.add_argument("model", help="an export directory, a checkpoint directory (with 'latest') or a global_step* dir")
     p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="held-out shard directories")
@@ -400,6 +416,33 @@ def _cmd_train_aux_routers(args: argparse.Namespace) -> int:
     from moma.pipeline.training.train import train
 
     return train(cfg, resume=args.resume)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moma.pipeline.training.engine import configure_accelerator
+
+    configure_accelerator()
+    from PIL import Image
+
+    from moma.pipeline.generate import SamplingConfig, decode_output, encode_prompt, load_generator
+
+    gen, text_tok, image_tok = load_generator(args.model, args.text_tokenizer, args.image_tokenizer)
+    prompt, uncond = encode_prompt(gen.vocab, text_tok, image_tok, args.prompt, args.image, args.generate_image)
+    default = (gen.image_codes or 0) + 2 if args.generate_image else 64
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or default, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, cfg_scale=args.cfg_scale, use_cache=not args.no_cache)
+    new = gen.generate(prompt, sampling, uncond=uncond if args.generate_image else None,
+                       stop_after_image=args.generate_image)
+    text, images = decode_output(gen.vocab, text_tok, image_tok, ([gen.vocab.boi_id] if args.generate_image else [])
+                                 + new)
+    result = {"prompt_tokens": len(prompt), "new_tokens": len(new), "text": text, "images": len(images)}
+    if args.image_out and images:
+        Image.fromarray(images[0]).save(args.image_out)
+        result["image_out"] = args.image_out
+    elif args.image_out:
+        raise ValueError("no complete image was generated (raise --max-new-tokens, or use --generate-image)")
+    print(json.dumps(result))
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -42,10 +42,11 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D]: rotate consecutive pairs (x0, x1) of each head by position-dependent angles."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """x [B, H, L, D] at positions start .. start + L - 1: rotate consecutive pairs (x0, x1) of each
+    head by position-dependent angles."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[: x.shape[2]], sin[: x.shape[2]]
+    cos, sin = cos[start: start + x.shape[2]], sin[start: start + x.shape[2]]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -63,12 +64,48 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         b, t, d = x.shape
+        start = cache.length if cache is not None else 0
         q, k, v = (w(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k = apply_rope(self.q_norm(q), cos, sin, start), apply_rope(self.k_norm(k), cos, sin, start)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new tokens after cached ones: each sees every cached key and the new ones up to itself
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, d))
+
+
+class LayerCache:
+    """One attention layer's keys and values so far (generation)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Every layer's keys and values: `model(ids, cache=cache)` runs only the new positions."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class Block(nn.Module):
@@ -80,8 +117,8 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, ep_size)
 
     def forward(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                routing: RoutingInfo | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+                routing: RoutingInfo | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.ffn(self.ffn_norm(h), is_image, routing)
 
 
@@ -120,9 +157,12 @@ class Transformer(nn.Module):
                             collect_stats, mode, aux_targets)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                return_logits: bool = False, routing: RoutingInfo | None = None) -> ModelOutput:
-        if input_ids.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
+                return_logits: bool = False, routing: RoutingInfo | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """`cache`: the keys and values of earlier positions (generation); `input_ids` are the new ones."""
+        start = cache.length if cache is not None else 0
+        if start + input_ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + input_ids.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
         if routing is None:
             routing = self.routing(input_ids)
         ec = routing is not None and routing.mode == "ec" and self.cfg.router == "expert_choice"
@@ -133,8 +173,9 @@ class Transformer(nn.Module):
                              "(autoregressive decoding needs causal routing with auxiliary routers)")
         is_image = input_ids >= self.cfg.image_offset
         h = self.tok_embeddings(input_ids)
-        for layer in self.layers:
-            h = layer(h, is_image, self.rope_cos, self.rope_sin, routing)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, is_image, self.rope_cos, self.rope_sin, routing,
+                      cache.layers[i] if cache is not None else None)
         logits = self.output(self.norm(h)).float()
         logits = logits[..., : self.cfg.vocab_size]  # padded rows are never predicted
         moe = [layer.ffn for layer in self.layers if isinstance(layer.ffn, GroupedMoEFFN)]

@@ -74,6 +74,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     tmp.replace(out / WEIGHTS)
     write_json_atomic(out / "config.json", client["model"])
     write_json_atomic(out / "vocab.json", client["vocab"])
+    tokenizers = client.get("config", {}).get("tokenizers", {})
+    write_json_atomic(out / "tokenizers.json", {"text": tokenizers.get("text"), "image": tokenizers.get("image"),
+                                                "text_pattern": tokenizers.get("text_pattern")})
     write_json_atomic(out / "export.json", {"checkpoint": str(tag_dir), "step": client["step"],
                                             "tokens": client["tokens"],
                                             "parameters": sum(v.numel() for v in state.values())})
