@@ -7,8 +7,12 @@
 2. tokenizers  byte-level BPE on the plays + captions; the tiny VQ image tokenizer on the pictures
 3. shards      captions (image-first or text-first, per document) and text, --workers 2
 4. train       moma_4t4i tiny with the deepspeed launcher on 2 ranks (CPU: gloo), ZeRO-2, expert
-               parallel 2: train, checkpoint, stop; resume from the checkpoint, finish
-5. report      per-modality losses, loss plot, exported weights; last line `run dir: PATH`
+               parallel 2: train, checkpoint, stop; resume from the checkpoint, finish (held-out loss
+               by modality every 60 steps, on pictures the model never trains on)
+5. report      per-modality losses, loss plot, exported weights
+6. causal      the auxiliary routers fitted to the trained model's expert choices (main model
+               frozen, 2 ranks); held-out loss under expert choice vs causal routing; a caption for
+               a held-out picture and a picture for a held-out caption (PNG); last line `run dir: PATH`
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ def demo_config(out: Path, steps: int) -> dict[str, Any]:
     tree["run_dir"] = rebase(tree["run_dir"])
     for source in tree["data"]["sources"]:
         source["path"] = rebase(source["path"])
+    for source in tree["data"].get("eval_sources", []):
+        source["path"] = rebase(source["path"])
     tree["tokenizers"] = {k: rebase(v) for k, v in tree["tokenizers"].items()}
     tree["max_steps"] = steps
     return tree
@@ -87,13 +93,15 @@ def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, st
     if (out / "run").exists():
         shutil.rmtree(out / "run")  # a fresh training run each time; data and tokenizers are reused
 
-    _say("1/5 data: generated captioned pictures + embedded Shakespeare")
-    shapes = out / "data" / "shapes"
+    _say("1/6 data: generated captioned pictures + embedded Shakespeare")
+    shapes, heldout = out / "data" / "shapes", out / "data" / "heldout"
     if not (shapes / "README.json").exists():
         write_folder_corpus(shapes, images, seed=0, size=64)
-    print(f"{images} pictures with exact captions in {shapes}; {len(_plays())} plays (public domain)")
+    if not (heldout / "README.json").exists():
+        write_folder_corpus(heldout, 200, seed=12345, size=64)  # other pictures: never trained on
+    print(f"{images} pictures with exact captions in {shapes} (+200 held out); {len(_plays())} plays (public domain)")
 
-    _say("2/5 tokenizers: BPE on the plays + captions, tiny VQ on the pictures")
+    _say("2/6 tokenizers: BPE on the plays + captions, tiny VQ on the pictures")
     tok = out / "tokenizers"
     if not (tok / "text" / "ranks.tiktoken").exists():
         _run(_moma("tokenizer", "train-text", "--input", *_plays(), str(shapes / "*.txt"), "--vocab-size", "2048",
@@ -105,15 +113,16 @@ def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, st
     _run(_moma("tokenizer", "eval-image", "--tokenizer", str(tok / "image"), "--images",
                *[str(p) for p in sorted(shapes.glob("*.png"))[-64:]], "--grid", str(out / "vq_recon.png")))
 
-    _say("3/5 shards: captions in both orders, plays as text-only documents")
+    _say("3/6 shards: captions in both orders, plays as text-only documents, held-out captions")
     for name, source, extra in (("captions", f"folder:{shapes}", ["--order", "random"]),
-                                ("text", "text:" + str(Path(_plays()[0]).parent / "*.txt"), [])):
+                                ("text", "text:" + str(Path(_plays()[0]).parent / "*.txt"), []),
+                                ("heldout", f"folder:{heldout}", ["--order", "random"])):
         if not (out / "shards" / name / "manifest.json").exists():
             _run(_moma("shards", "build", "--source", source, "--text-tokenizer", str(tok / "text"),
                        "--image-tokenizer", str(tok / "image"), "--out", str(out / "shards" / name), "--workers", "2",
                        "--num-partitions", "4", *extra))
 
-    _say(f"4/5 train moma_4t4i tiny: deepspeed launcher, {ranks} ranks, ZeRO-2, expert parallel 2")
+    _say(f"4/6 train moma_4t4i tiny: deepspeed launcher, {ranks} ranks, ZeRO-2, expert parallel 2")
     cfg_path = out / "demo_config.yaml"
     cfg_path.write_text(yaml.safe_dump(demo_config(out, steps), sort_keys=False))
     _run(_moma("train", str(cfg_path), "--check", "--world-size", str(ranks)))
@@ -126,14 +135,50 @@ def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, st
     print(f"-- phase 2: resume from the step-{half} checkpoint, steps {half + 1}-{steps}")
     _run(launch + ["--resume", "auto"], env=_launcher_env())
 
-    _say("5/5 report")
+    _say("5/6 report")
     run_dir = out / "run"
     _run(_moma("plot", str(run_dir)))
     _run(_moma("export", str(run_dir / "checkpoints"), "--out", str(run_dir / "export")))
     print(summarize(run_dir))
+
+    _say("6/6 causal inference: auxiliary routers, held-out loss EC vs causal, a caption and a picture")
+    aux = run_dir / "aux_routers"
+    shards = out / "shards"
+    _run([launch[0], "--num_gpus", str(ranks), "--module", "moma.pipeline.cli", "train-aux-routers", "--from",
+          str(run_dir / "checkpoints"), "--data", f"{shards / 'captions'}@0.85", f"{shards / 'text'}@0.15",
+          "--eval-data", str(shards / "heldout"), "--steps", "60", "--out", str(aux), "optim.lr=0.003"],
+         env=_launcher_env())
+    causal = run_dir / "export_causal"
+    _run(_moma("export", str(aux / "checkpoints"), "--out", str(causal)))
+    print(causal_report(out, run_dir, causal))
     print(f"total {(time.perf_counter() - start) / 60:.1f} min")
     print(f"run dir: {run_dir}")
     return run_dir
+
+
+def causal_report(out: Path, run_dir: Path, causal: Path) -> str:
+    """Held-out loss under both routings, a caption for a held-out picture, a picture for a held-out caption."""
+    def moma_json(*args: str) -> dict[str, Any]:
+        proc = subprocess.run(_moma(*args), check=True, capture_output=True, text=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    heldout = out / "data" / "heldout"
+    loss = {r: moma_json("eval", str(causal), "--data", str(out / "shards" / "heldout"), "--routing", r,
+                         "--batches", "16") for r in ("ec", "causal")}
+    picture = sorted(heldout.glob("*.png"))[0]
+    caption = moma_json("generate", "--model", str(causal), "--image", str(picture), "--temperature", "0",
+                        "--max-new-tokens", "40")
+    drawn_for = sorted(heldout.glob("*.txt"))[1]
+    png = run_dir / "generated.png"
+    moma_json("generate", "--model", str(causal), "--prompt", drawn_for.read_text().strip(), "--generate-image",
+              "--image-out", str(png), "--cfg-scale", "3", "--seed", "1")
+    lines = ["held-out loss (nats/token; 16 batches of pictures never trained on), expert choice vs causal routing:",
+             *(f"  {r:6}: all {v['loss']:.3f}, text {v['loss_text']:.3f}, image {v['loss_image']:.3f}"
+               for r, v in loss.items()),
+             f"caption for held-out {picture.name}: {caption['text']!r}",
+             f"  its true caption:    {picture.with_suffix('.txt').read_text().strip()!r}",
+             f"picture for held-out caption {drawn_for.read_text().strip()!r}: {png}"]
+    return "\n".join(lines)
 
 
 def summarize(run_dir: Path) -> str:

@@ -71,6 +71,8 @@ def test_every_shipped_run_config_parses_and_plans(path: Path, data: dict[str, P
     sources = [f"{{path: {wide}, weight: {s.weight}}}" for s in cfg.data.sources]
     local = [f"run_dir={tmp_path / 'run'}", f"data.sources=[{', '.join(sources)}]",
              f"tokenizers.text={data['text']}", f"tokenizers.image={data['image']}"]
+    if cfg.data.eval_sources:
+        local.append(f"data.eval_sources=[{{path: {wide}}}]")
     for world in worlds:
         plan = plan_run(load_config(str(path), local), world)
         assert plan.ds_config["train_batch_size"] == cfg.parallel.micro_batch * cfg.parallel.grad_accum * world

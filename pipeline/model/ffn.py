@@ -136,7 +136,8 @@ class GroupedMoEFFN(nn.Module):
             xs = flat.index_select(0, idx)
             experts, gate = moe.experts.deepspeed_experts, moe.gate
             if routing.mode == "causal":
-                y, done = causal_choice(xs, gate.wg, self.causal_routers[name], experts)
+                y, done = causal_choice(xs, gate.wg, self.causal_routers[name], experts, routing.ep_rank,
+                                        self.exchange)
                 out = out.index_copy(0, idx, y)
                 continue
             if self.cfg.router == "expert_choice":

@@ -169,23 +169,37 @@ class AuxRouter(nn.Module):
         return self.w2(F.silu(self.w1(x))).float()
 
 
-def causal_choice(x: torch.Tensor, router: nn.Linear, aux: AuxRouter, experts: nn.ModuleList
-                  ) -> tuple[torch.Tensor, dict[str, object]]:
-    """Causal routing on one process (every expert local): each token on its own goes to expert j
-    iff aux score_j > 0.5; the gate is the main router's sigmoid, as in expert choice. A token's
-    output depends on that token alone, so the model's logits at t do not depend on tokens after t."""
-    if len(experts) != router.out_features:
-        raise RuntimeError("causal routing runs on one process with every expert (an export, or ep_size 1)")
+def causal_choice(x: torch.Tensor, router: nn.Linear, aux: AuxRouter, experts: nn.ModuleList, ep_rank: int = 0,
+                  exchange: Exchange | None = None) -> tuple[torch.Tensor, dict[str, object]]:
+    """Causal routing: each token on its own goes to expert j iff its aux score_j > 0.5; the gate is
+    the main router's sigmoid, as in expert choice. A token's output depends on that token alone, so
+    the model's logits at t do not depend on tokens after t. How many rows each expert gets is
+    data-dependent: under expert parallelism the per-expert counts are exchanged first
+    (`exchange.counts`), then the rows."""
+    num_experts, local = router.out_features, len(experts)
     logits = F.linear(x.float(), router.weight.float())
     pick = aux(x) > 0  # [b, E]
     expert_of, token_index = pick.t().nonzero(as_tuple=True)  # expert-major, like expert choice
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for j, expert in enumerate(experts):
-        idx = token_index[expert_of == j]
-        if idx.numel():
-            gate = torch.sigmoid(logits[idx, j]).unsqueeze(1)
-            out.index_add_(0, idx, expert(x.index_select(0, idx)).float() * gate)
-    return out.to(x.dtype), {"logits": logits, "token_index": token_index, "pick": pick}
+    per_expert = torch.bincount(expert_of, minlength=num_experts).tolist()  # inference: one host sync
+    rows = x.index_select(0, token_index)
+    if exchange is None:
+        if local != num_experts:
+            raise RuntimeError("causal routing over experts on other ranks needs the expert-parallel exchange")
+        y = torch.cat([expert(r) for expert, r in zip(experts, rows.split(per_expert))]) if rows.numel() else rows
+    else:
+        ep = num_experts // local
+        every = exchange.counts(per_expert)  # [rank][expert]: rows each rank sends to each expert
+        mine = slice(ep_rank * local, (ep_rank + 1) * local)
+        send = [sum(per_expert[q * local:(q + 1) * local]) for q in range(ep)]
+        recv = [sum(every[q][mine]) for q in range(ep)]
+        got = exchange(rows, send, recv).split(recv)
+        pieces = [list(blk.split(every[q][mine])) for q, blk in enumerate(got)]  # [source][local expert]
+        outs = [expert(torch.cat([pieces[q][e] for q in range(ep)])) for e, expert in enumerate(experts)]
+        by_source = [list(o.split([every[q][ep_rank * local + e] for q in range(ep)])) for e, o in enumerate(outs)]
+        back = torch.cat([by_source[e][q] for q in range(ep) for e in range(local)])
+        y = exchange(back, recv, send)
+    gates = torch.sigmoid(logits[token_index, expert_of])
+    return _combine(x, token_index, gates, y), {"logits": logits, "token_index": token_index, "pick": pick}
 
 
 def selection_mask(token_index: torch.Tensor, tokens: int, experts: int) -> torch.Tensor:

@@ -164,6 +164,16 @@ class AllToAll:
     def __call__(self, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
         return _AllToAllRows.apply(self.group, rows, send, recv)
 
+    def counts(self, mine: list[int]) -> list[list[int]]:
+        """Every rank's list of counts (causal routing: rows per expert, known only after routing)."""
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        t = torch.tensor(mine, dtype=torch.long, device=device)
+        every = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(every, t, group=self.group)
+        return [e.tolist() for e in every]
+
 
 def _expert_group(module: torch.nn.Module) -> tuple[Any, int] | None:
     """(DeepSpeed's expert-parallel group, its size) of the model's MoE layers; None for ep 1."""

@@ -367,10 +367,12 @@ def _evaluate(cfg: TrainConfig, plan: RunPlan, engine: Any, heldout: list[dict[s
     """The held-out set on every rank (expert choice; causal too when the model has auxiliary routers
     and every expert is local); rank 0 writes one metrics row."""
     def forward(ids: torch.Tensor, labels: torch.Tensor, mode: str) -> Any:
-        routing = routing_for(engine.module, ids) if mode == "ec" else engine.module.routing(ids, mode=mode)
+        routing = routing_for(engine.module, ids)
+        if routing is not None:
+            routing.mode = mode
         return engine(ids, labels, routing=routing)
 
-    modes = ["ec"] + (["causal"] if plan.model.aux_routers and cfg.parallel.ep_size == 1 else [])
+    modes = ["ec"] + (["causal"] if plan.model.aux_routers else [])
     engine.eval()
     row: dict[str, Any] = {"step": step}
     for mode in modes:
