@@ -458,8 +458,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     batches = heldout_batches(DataConfig(sources=sources, seq_len=seq), sources, vocab, args.batch_size,
                               args.batches)
     result = evaluate(model_forward(model), batches, args.routing)
-    print(json.dumps({"model": str(args.model), "routing": args.routing, "seq_len": seq,
-                      "batch_size": args.batch_size, **result}))
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under a launcher every rank computes the same: one line
+        print(json.dumps({"model": str(args.model), "routing": args.routing, "seq_len": seq,
+                          "batch_size": args.batch_size, **result}))
     return 0
 
 

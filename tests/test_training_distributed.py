@@ -333,3 +333,19 @@ def test_train_aux_routers_under_the_launcher_with_expert_parallelism(uninterrup
                      "--batch-size", "2", "--seq-len", "32"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(got["loss"] - causal["eval_causal"]["loss"]) < 1e-5, (got, causal)
+
+
+def test_aux_routers_for_another_model_are_refused_before_launch(uninterrupted: Path, data: dict[str, Path],
+                                                                 tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from moma.pipeline.cli import main as cli_main
+
+    ckpt = uninterrupted / "run" / "checkpoints"
+    assert cli_main(["train-aux-routers", "--from", str(ckpt), "--data", str(data["captions"]), "--steps", "2",
+                     "--out", str(tmp_path / "aux"), "model.overrides.n_layers=3"]) == 2
+    err = capsys.readouterr().err
+    assert "aux_routers_from" in err and "holds another model (n_layers: 2 there, 3 here)" in err
+    assert cli_main(["train-aux-routers", "--from", str(tmp_path / "nowhere"), "--data", str(data["captions"]),
+                     "--steps", "2"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "aux").exists()
