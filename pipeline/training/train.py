@@ -309,7 +309,7 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
                 "docs_digest": hashlib.sha1("".join(digests).encode()).hexdigest()[:16],
             }
             if cfg.aux_routers_from:
-                row["aux_router_loss"] = float(out.aux_router_loss)
+                row["aux_router_loss"] = float(out.aux_router_loss.detach())
                 row["aux_routers"] = aux_router_summary(engine.module)
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", text=_fmt(row["loss_text"]), image=_fmt(row["loss_image"]))
