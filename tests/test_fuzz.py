@@ -19,6 +19,7 @@ import pytest
 from corpus_fixtures import CAPTIONS, make_tokenizers, png, write_folder, write_img2dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from image_fixtures import jpeg_bytes, photo_like
 
 from moma.pipeline.loader.shard_reader import SegmentReader, ShardDataError
 from moma.pipeline.shards.build import BuildConfig, build
@@ -132,6 +133,9 @@ def test_a_corrupt_shard_never_hangs_or_crashes_and_keeps_what_came_before(shard
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pristine")
     write_folder(d / "folder", n=6)
+    for i in range(2):  # real JPEGs too: their corruptions go through the JPEG decoder
+        (d / "folder" / f"photo{i}.jpg").write_bytes(jpeg_bytes(photo_like((48, 40), seed=i)))
+        (d / "folder" / f"photo{i}.txt").write_text(CAPTIONS[i] + "\n")
     (d / "pq").mkdir()
     pq.write_table(pa.table({"jpg": pa.array([png(i) for i in range(6)], pa.binary()),
                              "caption": [CAPTIONS[i] for i in range(6)]}), d / "pq" / "a.parquet", row_group_size=2)
@@ -145,7 +149,8 @@ SOURCES = {"folder": "folder", "pq": "parquet", "jsonl": "text", "i2d": "img2dat
 
 
 def input_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".png", ".parquet", ".jsonl", ".tar"))
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg", ".parquet", ".jsonl",
+                                                                              ".tar"))
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -175,7 +180,7 @@ def test_corrupt_inputs_are_rejected_with_reasons_and_every_record_is_accounted_
     assert t["inputs"] == t["docs"] + t["rejected"]
     written = Counter(json.loads(meta)["source"] for s in manifest.shards for _, _, meta in iter_samples(out / s.name))
     rejected = Counter(json.loads(line)["source"] for line in (out / "rejects.jsonl").read_text().splitlines())
-    expected_clean = {"folder": 6, "pq": 6, "jsonl": 8, "i2d": 4}
+    expected_clean = {"folder": 8, "pq": 6, "jsonl": 8, "i2d": 4}
     for sub, spec in zip(SOURCES, sources):
         counts = t["by_source"][spec]
         assert counts["inputs"] == counts["docs"] + counts["rejected"], (spec, counts)
