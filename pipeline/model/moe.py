@@ -21,6 +21,10 @@ Token choice (for comparison): each token picks its top-k experts (softmax or si
 keeps its C = min(b, ceil(b · k · capacity_factor / E)) highest-gate choosers (the slots it has no
 chooser for are sent as gate-0 rows: token choice's capacity padding), plus the Switch load-balancing
 loss.
+
+Causal routing (inference, MoMa §2.4): expert choice looks at the whole batch, so each MoE layer and
+group gets an auxiliary router (`AuxRouter`), fitted afterwards to expert choice's selections
+(`selection_mask`, BCE); `causal_choice` then sends a token to expert j iff its aux score > 0.5.
 """
 
 from __future__ import annotations
@@ -60,13 +64,13 @@ def routing_info(input_ids: torch.Tensor, image_offset: int, pad_id: int | None,
                  collect_stats: bool = False, mode: str = "ec", aux_targets: bool = False) -> RoutingInfo:
     """Each group's members in `input_ids` (image tokens, text tokens, or all; pads in none), with
     this rank's counts only (the caller fills the other ranks' under expert parallelism)."""
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
     flat = input_ids.reshape(-1)
     real = flat != pad_id if pad_id is not None else torch.ones_like(flat, dtype=torch.bool)
     image = flat >= image_offset
     masks = {"all": real, "text": real & ~image, "image": image}
     members = {g: masks[g].nonzero().squeeze(1) for g in groups}  # the micro-batch's one host sync
-    if mode not in ROUTING_MODES:
-        raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
     return RoutingInfo(members, {g: [int(m.numel())] for g, m in members.items()}, 0, collect_stats, mode,
                        aux_targets)
 
