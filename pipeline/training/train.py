@@ -289,9 +289,10 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
             progress.tokens[m] += int(t)
         seconds = time.perf_counter() - start
         log_step = progress.step % cfg.logging.every == 0
-        if log_step:  # every rank joins the gather; only logged steps need it
+        if log_step:  # every rank sends its documents' digest to rank 0; only logged steps need it
             digests: list[Any] = [None] * plan.world_size
-            dist.all_gather_object(digests, hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16])
+            dist.gather_object(hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16],
+                               digests if info.is_main else None, dst=0)
         if info.is_main and log_step:
             n_text, n_image = sums[2], sums[3]
             n = max(n_text + n_image, 1)
