@@ -91,9 +91,10 @@ def ep_records(ep: int, cases: list[str], steps: int = 3) -> dict[str, dict]:
 
 
 EP2 = ["moma_4t4i:expert_choice:0:moma", "moma_4t4i:expert_choice:1:moma", "moma_4t4i:expert_choice:2:moma",
-       "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma",
+       "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma", "moma_4t4i_mod:expert_choice:2:moma",
        "moma_4t4i:expert_choice:0:deepspeed", "moma_4t4i:token_choice:0:deepspeed", "moe_8x:expert_choice:0:deepspeed"]
-REF = ["moma_4t4i:expert_choice:0:moma", "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma"]
+REF = ["moma_4t4i:expert_choice:0:moma", "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma",
+       "moma_4t4i_mod:expert_choice:0:moma"]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ Conventions:
   with capacity factor c processes c tokens per token on average; token choice k x c at most,
   counted as k), plus the output head; the embedding lookup is not a multiply and is excluded;
 * training FLOPs per token: 6 x active matmul parameters (forward 2, backward 4) plus attention
-  scores and values, 12 x layers x d_model x seq_len (PaLM's MFU convention, no causal discount).
+  scores and values, 12 x layers x d_model x seq_len (PaLM's MFU convention, no causal discount);
+* mixture-of-depths ("_mod"): a MoD layer's block counts mod_capacity of a token (its kept share), its
+  attention mod_capacity^2 (kept tokens over kept keys), its router d parameters for every token.
 
     moma model info --preset tiny --ffn moma_4t4i
 """
@@ -60,9 +62,14 @@ def count(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
         for modality in ("text", "image"):
             n = groups.get(modality, groups.get("all"))
             ffn_active[modality] = round(per_token * _swiglu(cfg)) + n * d
-    total = embed + head + layers * (attn + norms + ffn_total)
-    active = {m: layers * (attn + norms + ffn_active[m]) + head for m in ("text", "image")}
-    attention_flops = 12 * layers * d * seq
+    # mixture-of-depths: a MoD layer runs its block on mod_capacity of the tokens (plus its router, d
+    # parameters, for every token); its attention spans the kept tokens only
+    mod_layers = sum(cfg.is_mod_layer(i) for i in range(layers))
+    c = cfg.mod_capacity if mod_layers else 1.0
+    block_share = (layers - mod_layers) + mod_layers * c  # layers' worth of block work per token
+    total = embed + head + layers * (attn + norms + ffn_total) + mod_layers * d
+    active = {m: round(block_share * (attn + norms + ffn_active[m])) + mod_layers * d + head for m in ("text", "image")}
+    attention_flops = round(12 * d * seq * ((layers - mod_layers) + mod_layers * c * c))
     flops = {m: 6 * active[m] + attention_flops for m in active}
     return Accounting(total_params=total, embedding_params=embed, expert_params=layers * experts,
                       active_params=active, flops_per_token=flops, seq_len=seq)

@@ -15,7 +15,7 @@ import dataclasses
 import re
 from typing import Any
 
-FFN_PATTERN = re.compile(r"^(dense|moe_(?P<n>\d+)x|moma_(?P<t>\d+)t(?P<i>\d+)i)$")
+FFN_PATTERN = re.compile(r"^(dense|moe_(?P<n>\d+)x|moma_(?P<t>\d+)t(?P<i>\d+)i)(?P<mod>_mod)?$")
 ROUTERS = ("expert_choice", "token_choice")
 
 
@@ -25,6 +25,7 @@ class FFNSpec:
 
     kind: str  # "dense" | "moe" | "moma"
     groups: tuple[tuple[str, int], ...] = ()  # ("all", 8) | (("text", 4), ("image", 4))
+    mod: bool = False  # mixture-of-depths on alternating layers ("<variant>_mod")
 
     @property
     def learned_routing(self) -> bool:
@@ -39,18 +40,20 @@ class FFNSpec:
 def parse_ffn(name: str) -> FFNSpec:
     m = FFN_PATTERN.match(name)
     if not m:
-        raise ValueError(f"unknown FFN variant {name!r}: use dense, moe_<N>x, moma_1t1i or moma_<N>t<M>i")
-    if name == "dense":
-        return FFNSpec("dense")
+        raise ValueError(f"unknown FFN variant {name!r}: use dense, moe_<N>x, moma_1t1i or moma_<N>t<M>i, "
+                         f"optionally with _mod (mixture-of-depths)")
+    mod = bool(m.group("mod"))
+    if m.group(1) == "dense":
+        return FFNSpec("dense", mod=mod)
     if m.group("n"):
         n = int(m.group("n"))
         if n < 1:
             raise ValueError(f"{name}: need at least one expert")
-        return FFNSpec("moe", (("all", n),))
+        return FFNSpec("moe", (("all", n),), mod)
     t, i = int(m.group("t")), int(m.group("i"))
     if t < 1 or i < 1:
         raise ValueError(f"{name}: each modality group needs at least one expert")
-    return FFNSpec("moma", (("text", t), ("image", i)))
+    return FFNSpec("moma", (("text", t), ("image", i)), mod)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,7 @@ class ModelConfig:
     pad_id: int | None = None  # the vocabulary's <|pad|>: routed to no expert (set from the tokenizers)
     moe_dispatch: str = "moma"  # moma: exact work (moe.py) | deepspeed: DeepSpeed's MOELayer (the reference)
     aux_routers: bool = False  # the auxiliary routers of causal inference (MoMa §2.4), one per MoE layer and group
+    mod_capacity: float = 0.25  # "_mod" variants: share of each sequence's tokens a MoD layer keeps
 
     def __post_init__(self) -> None:
         spec = parse_ffn(self.ffn)
@@ -94,6 +98,8 @@ class ModelConfig:
                 raise ValueError(f"token_choice_k {self.token_choice_k} must be in [1, {smallest}] for {self.ffn}")
         if self.moe_dispatch not in ("moma", "deepspeed"):
             raise ValueError(f"moe_dispatch must be moma or deepspeed, got {self.moe_dispatch!r}")
+        if spec.mod and not 0 < self.mod_capacity <= 1:
+            raise ValueError(f"mod_capacity must lie in (0, 1], got {self.mod_capacity}")
         if self.capacity_factor <= 0:
             raise ValueError("capacity_factor must be > 0")
         if not 0 < self.image_offset <= self.vocab_size:
@@ -102,6 +108,10 @@ class ModelConfig:
     @property
     def ffn_spec(self) -> FFNSpec:
         return parse_ffn(self.ffn)
+
+    def is_mod_layer(self, layer: int) -> bool:
+        """Mixture-of-depths layers: alternating, from layer 0 (the paper's placement)."""
+        return self.ffn_spec.mod and layer % 2 == 0
 
     @property
     def head_dim(self) -> int:
@@ -144,7 +154,7 @@ SIZES: dict[str, dict[str, Any]] = {
 # training always takes the vocabulary from the tokenizers); Chameleon's 65,536 (of which 8,192
 # image codes) for the paper's sizes.
 DEFAULT_VOCAB = {"tiny": (4096, 1024), "90m": (57344, 8192), "435m": (57344, 8192), "1.4b": (57344, 8192)}
-FFN_VARIANTS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i")
+FFN_VARIANTS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i", "moma_4t4i_mod")
 
 
 def preset(size: str, ffn: str = "moma_4t4i", vocab_size: int | None = None, image_offset: int | None = None,

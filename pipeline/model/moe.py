@@ -75,6 +75,25 @@ def routing_info(input_ids: torch.Tensor, image_offset: int, pad_id: int | None,
                        aux_targets)
 
 
+def routing_subset(routing: RoutingInfo, keep: torch.Tensor, total: int, exchange: Exchange | None = None
+                   ) -> RoutingInfo:
+    """The routing metadata of a subset of the micro-batch's tokens (`keep`: flat indices, ascending;
+    mixture-of-depths' kept tokens), indexed within the subset. Its counts depend on the MoD router,
+    so under expert parallelism they are exchanged (`exchange.counts`)."""
+    where = torch.full((total,), -1, dtype=torch.long, device=keep.device)
+    where[keep] = torch.arange(keep.numel(), device=keep.device)
+    members = {}
+    for g, m in routing.members.items():
+        pos = where[m]
+        members[g] = pos[pos >= 0]
+    names = sorted(members)
+    counts = {g: [int(members[g].numel())] for g in names}
+    if exchange is not None:
+        every = exchange.counts([counts[g][0] for g in names])
+        counts = {g: [row[i] for row in every] for i, g in enumerate(names)}
+    return dataclasses.replace(routing, members=members, counts=counts)
+
+
 def ec_capacity(tokens: int, experts: int, capacity_factor: float) -> int:
     return min(tokens, math.ceil(tokens * capacity_factor / experts))
 

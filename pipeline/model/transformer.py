@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.ffn import GroupedMoEFFN, build_ffn
-from moma.pipeline.model.moe import RoutingInfo, routing_info
+from moma.pipeline.model.moe import RoutingInfo, routing_info, routing_subset
 from moma.tokenizers.vocab import IGNORE_INDEX
 
 
@@ -42,11 +43,15 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """x [B, H, L, D] at positions start .. start + L - 1: rotate consecutive pairs (x0, x1) of each
-    head by position-dependent angles."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, H, L, D] at positions start .. start + L - 1 (or at `positions` [B, L]: a MoD layer's kept
+    tokens): rotate consecutive pairs (x0, x1) of each head by position-dependent angles."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[start: start + x.shape[2]], sin[start: start + x.shape[2]]
+    if positions is not None:
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [B, 1, L, D/2]
+    else:
+        cos, sin = cos[start: start + x.shape[2]], sin[start: start + x.shape[2]]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -65,11 +70,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         start = cache.length if cache is not None else 0
         q, k, v = (w(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(self.q_norm(q), cos, sin, start), apply_rope(self.k_norm(k), cos, sin, start)
+        q = apply_rope(self.q_norm(q), cos, sin, start, positions)
+        k = apply_rope(self.k_norm(k), cos, sin, start, positions)
         if cache is not None:
             k, v = cache.append(k, v)
         if start == 0:
@@ -109,17 +115,48 @@ class KVCache:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep_size: int) -> None:
+    """Pre-norm attention + FFN. A mixture-of-depths layer (MoD, "_mod" variants, alternating layers
+    from 0) runs the block on the top mod_capacity of each sequence's tokens by a router over all its
+    tokens (before the modality split); the others skip it on the residual stream, and a kept token's
+    block output is scaled by its router weight sigmoid(logit), which trains the router."""
+
+    def __init__(self, cfg: ModelConfig, ep_size: int, index: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg, ep_size)
+        self.mod_router = nn.Linear(cfg.d_model, 1, bias=False) if cfg.is_mod_layer(index) else None
+        self.mod_capacity = cfg.mod_capacity
+        self.last_kept: torch.Tensor | None = None  # MoD: the positions kept in the last forward
+
+    def _block(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               routing: RoutingInfo | None, cache: LayerCache | None, positions: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
+        return h + self.ffn(self.ffn_norm(h), is_image, routing)
 
     def forward(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 routing: RoutingInfo | None = None, cache: LayerCache | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
-        return h + self.ffn(self.ffn_norm(h), is_image, routing)
+        if self.mod_router is None:
+            return self._block(x, is_image, cos, sin, routing, cache)
+        if cache is not None or (routing is not None and routing.mode == "causal"):
+            raise ValueError("mixture-of-depths picks each sequence's top tokens, which is not causal: "
+                             "one-token decoding needs MoD's own auxiliary routers (not available yet)")
+        b, t, d = x.shape
+        k = max(1, math.ceil(self.mod_capacity * t))
+        logits = self.mod_router(x).squeeze(-1).float()  # [b, t]
+        keep = logits.topk(k, dim=1).indices.sort(dim=1).values  # each row's kept positions, in order
+        self.last_kept = keep
+        index = keep.unsqueeze(-1).expand(b, k, d)
+        xs = x.gather(1, index)
+        sub = routing
+        if routing is not None:
+            flat = (keep + torch.arange(b, device=x.device).unsqueeze(1) * t).reshape(-1)
+            sub = routing_subset(routing, flat, b * t, getattr(self.ffn, "exchange", None))
+        ys = self._block(xs, is_image.gather(1, keep), cos, sin, sub, None, positions=keep)
+        weight = torch.sigmoid(logits.gather(1, keep)).unsqueeze(-1).to(x.dtype)
+        return x.scatter(1, index, xs + weight * (ys - xs))
 
 
 @dataclasses.dataclass
@@ -139,7 +176,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.ep_size = ep_size
         self.tok_embeddings = nn.Embedding(cfg.padded_vocab, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, ep_size) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, ep_size, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
