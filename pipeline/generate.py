@@ -43,10 +43,11 @@ class Generator:
         self.model, self.vocab = model.eval(), vocab
         self.image_codes = image_codes  # codes per image, (R/f)^2; None: the model has no image tokenizer
         spec = model.cfg.ffn_spec
-        self.mode = "causal" if spec.learned_routing and model.cfg.router == "expert_choice" else "ec"
-        if self.mode == "causal" and not model.cfg.aux_routers:
-            raise ValueError(f"{model.cfg.ffn} routes by expert choice, which is not causal: generation needs its "
-                             f"auxiliary routers (moma train-aux-routers, then moma export)")
+        non_causal = spec.mod or (spec.learned_routing and model.cfg.router == "expert_choice")
+        self.mode = "causal" if non_causal else "ec"
+        if non_causal and not model.cfg.aux_routers:
+            raise ValueError(f"{model.cfg.ffn} routes by expert choice or mixture-of-depths, which is not causal: "
+                             f"generation needs its auxiliary routers (moma train-aux-routers, then moma export)")
 
     def _logits(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         routing = self.model.routing(ids, mode=self.mode)

@@ -15,9 +15,9 @@ from moma.pipeline.training.engine import build_model, configure_accelerator
 configure_accelerator()
 
 
-def small(**kw: object) -> ModelConfig:
+def small(ffn: str = "moma_4t4i", **kw: object) -> ModelConfig:
     return ModelConfig(vocab_size=300, image_offset=200, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48,
-                       ffn="moma_4t4i", max_seq_len=64, aux_routers=True, **kw)
+                       ffn=ffn, max_seq_len=64, aux_routers=True, **kw)
 
 
 def mixed_ids(b: int = 2, t: int = 32, seed: int = 0) -> torch.Tensor:
@@ -27,8 +27,9 @@ def mixed_ids(b: int = 2, t: int = 32, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def test_causal_logits_at_t_do_not_depend_on_later_tokens() -> None:
-    model = build_model(small(), seed=3).eval()
+@pytest.mark.parametrize("ffn", ["moma_4t4i", "moma_4t4i_mod", "dense_mod"])
+def test_causal_logits_at_t_do_not_depend_on_later_tokens(ffn: str) -> None:
+    model = build_model(small(ffn), seed=3).eval()
     a = mixed_ids()
     b = a.clone()
     t = 13
@@ -43,9 +44,10 @@ def test_causal_logits_at_t_do_not_depend_on_later_tokens() -> None:
     assert model(one, routing=model.routing(one, mode="causal")).logits.shape[1] == 1
 
 
-def test_auxiliary_routers_learn_expert_choices_selections_with_the_main_model_frozen() -> None:
+@pytest.mark.parametrize("ffn", ["moma_4t4i", "moma_4t4i_mod"])
+def test_auxiliary_routers_learn_expert_choices_selections_with_the_main_model_frozen(ffn: str) -> None:
     torch.manual_seed(0)
-    model = build_model(small(), seed=5)
+    model = build_model(small(ffn), seed=5)
     aux = [p for n, p in model.named_parameters() if "causal_routers" in n]
     for n, p in model.named_parameters():
         p.requires_grad_("causal_routers" in n)
@@ -56,7 +58,8 @@ def test_auxiliary_routers_learn_expert_choices_selections_with_the_main_model_f
         ids = mixed_ids(4, 32, seed=1000)
         with torch.no_grad():
             out = model(ids, routing=model.routing(ids, collect_stats=True, aux_targets=True))
-        stats = [s for layer in model.layers for s in layer.ffn.aux_router_stats.values()]
+        stats = [s for layer in model.layers
+                 for s in [*layer.ffn.aux_router_stats.values(), *layer.aux_router_stats.values()]]
         return {"loss": float(out.aux_router_loss),
                 **{k: sum(float(s[k]) for s in stats) / len(stats) for k in ("accuracy", "precision", "recall")}}
 

@@ -43,7 +43,7 @@ def toks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_tokenizers(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture(scope="module", params=["dense", "moma_4t4i"])
+@pytest.fixture(scope="module", params=["dense", "moma_4t4i", "moma_4t4i_mod"])
 def export(request: pytest.FixtureRequest, toks: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_export(tmp_path_factory.mktemp("export") / request.param, toks, request.param)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.ffn import GroupedMoEFFN, build_ffn
-from moma.pipeline.model.moe import RoutingInfo, routing_info, routing_subset
+from moma.pipeline.model.moe import AuxRouter, RoutingInfo, aux_router_stats, routing_info, routing_subset
 from moma.tokenizers.vocab import IGNORE_INDEX
 
 
@@ -70,7 +70,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
+        """`keys` [b, t] bool (causal MoD): only those positions serve as keys (and each query itself)."""
         b, t, d = x.shape
         start = cache.length if cache is not None else 0
         q, k, v = (w(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
@@ -78,10 +80,17 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k), cos, sin, start, positions)
         if cache is not None:
             k, v = cache.append(k, v)
-        if start == 0:
+            if keys is not None:
+                keys = cache.append_keys(keys)
+        if start == 0 and keys is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new tokens after cached ones: each sees every cached key and the new ones up to itself
+        else:  # new tokens after cached ones: each sees the cached keys and the new ones up to itself
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            if keys is not None:
+                itself = torch.zeros_like(mask)
+                itself[torch.arange(t), torch.arange(start, start + t)] = True
+                mask = (mask & keys[:, None, :]) | itself  # [b, t, T]
+                mask = mask.unsqueeze(1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, d))
 
@@ -92,6 +101,7 @@ class LayerCache:
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None  # causal MoD: the cached positions kept at this layer
 
     @property
     def length(self) -> int:
@@ -101,6 +111,11 @@ class LayerCache:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         return self.k, self.v
+
+    def append_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Causal MoD: which cached positions were kept at this layer (they alone serve as keys)."""
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=1)
+        return self.keys
 
 
 class KVCache:
@@ -129,20 +144,41 @@ class Block(nn.Module):
         self.mod_router = nn.Linear(cfg.d_model, 1, bias=False) if cfg.is_mod_layer(index) else None
         self.mod_capacity = cfg.mod_capacity
         self.last_kept: torch.Tensor | None = None  # MoD: the positions kept in the last forward
+        # MoD's auxiliary router (causal inference): a token is kept iff its score > 0.5; named so that
+        # it trains with the MoE layers' auxiliary routers ("causal_routers")
+        self.causal_routers = nn.ModuleDict({"mod": AuxRouter(cfg.d_model, 1)}) \
+            if self.mod_router is not None and cfg.aux_routers else None
+        self.aux_router_loss = torch.zeros(())
+        self.aux_router_stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def _block(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               routing: RoutingInfo | None, cache: LayerCache | None, positions: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
+               routing: RoutingInfo | None, cache: LayerCache | None, positions: torch.Tensor | None = None,
+               keys: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, positions, keys)
         return h + self.ffn(self.ffn_norm(h), is_image, routing)
+
+    def _causal_mod(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    routing: RoutingInfo, cache: LayerCache | None) -> torch.Tensor:
+        """Causal MoD: each token is kept iff its auxiliary score > 0.5 (decided by the token alone);
+        a kept token attends to the kept tokens up to itself. The block runs on every token and only
+        the kept ones take its output (each token's FFN routing is its own in causal mode)."""
+        if self.causal_routers is None:
+            raise ValueError("mixture-of-depths picks each sequence's top tokens, which is not causal: causal "
+                             "routing needs its auxiliary routers (moma train-aux-routers)")
+        kept = self.causal_routers["mod"](x).squeeze(-1) > 0  # [b, t]
+        ys = self._block(x, is_image, cos, sin, routing, cache, keys=kept)
+        weight = torch.sigmoid(self.mod_router(x).float()).to(x.dtype)
+        return torch.where(kept.unsqueeze(-1), x + weight * (ys - x), x)
 
     def forward(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 routing: RoutingInfo | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         if self.mod_router is None:
             return self._block(x, is_image, cos, sin, routing, cache)
-        if cache is not None or (routing is not None and routing.mode == "causal"):
+        if routing is not None and routing.mode == "causal":
+            return self._causal_mod(x, is_image, cos, sin, routing, cache)
+        if cache is not None:
             raise ValueError("mixture-of-depths picks each sequence's top tokens, which is not causal: "
-                             "one-token decoding needs MoD's own auxiliary routers (not available yet)")
+                             "one-token decoding needs causal routing (its auxiliary routers)")
         b, t, d = x.shape
         k = max(1, math.ceil(self.mod_capacity * t))
         logits = self.mod_router(x).squeeze(-1).float()  # [b, t]
@@ -156,6 +192,12 @@ class Block(nn.Module):
             sub = routing_subset(routing, flat, b * t, getattr(self.ffn, "exchange", None))
         ys = self._block(xs, is_image.gather(1, keep), cos, sin, sub, None, positions=keep)
         weight = torch.sigmoid(logits.gather(1, keep)).unsqueeze(-1).to(x.dtype)
+        if routing is not None and routing.aux_targets and self.causal_routers is not None:
+            target = torch.zeros(b, t, device=x.device).scatter(1, keep, 1.0)
+            aux_logits = self.causal_routers["mod"](x.detach()).squeeze(-1)
+            self.aux_router_loss = F.binary_cross_entropy_with_logits(aux_logits, target)
+            if routing.collect_stats:
+                self.aux_router_stats = {"mod": aux_router_stats(aux_logits, target)}
         return x.scatter(1, index, xs + weight * (ys - xs))
 
 
@@ -188,10 +230,11 @@ class Transformer(nn.Module):
         """The micro-batch's routing metadata for every MoE layer (None without MoE layers).
         mode "causal": each token routed on its own by the auxiliary routers (inference)."""
         spec = self.cfg.ffn_spec
-        if not spec.learned_routing:
+        if not spec.learned_routing and not spec.mod:
             return None
-        return routing_info(input_ids, self.cfg.image_offset, self.cfg.pad_id, [g for g, _ in spec.groups],
-                            collect_stats, mode, aux_targets)
+        groups = [g for g, _ in spec.groups] if spec.learned_routing else []
+        return routing_info(input_ids, self.cfg.image_offset, self.cfg.pad_id, groups, collect_stats, mode,
+                            aux_targets)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 return_logits: bool = False, routing: RoutingInfo | None = None,
@@ -217,7 +260,8 @@ class Transformer(nn.Module):
         logits = logits[..., : self.cfg.vocab_size]  # padded rows are never predicted
         moe = [layer.ffn for layer in self.layers if isinstance(layer.ffn, GroupedMoEFFN)]
         aux = sum((f.aux_loss for f in moe), torch.zeros((), device=h.device))
-        aux_router_loss = sum((f.aux_router_loss for f in moe), torch.zeros((), device=h.device)) \
+        mod = [layer for layer in self.layers if layer.causal_routers is not None]
+        aux_router_loss = sum((m.aux_router_loss for m in [*moe, *mod]), torch.zeros((), device=h.device)) \
             if routing is not None and routing.aux_targets else None
         if labels is None:
             zero = torch.zeros((), device=h.device)

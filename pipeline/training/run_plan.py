@@ -114,9 +114,10 @@ def check_aux_source(path: str, model: ModelConfig) -> Path:
         saved = load_model_states(found[0] / found[1])["moma"]["model"]
     except (CheckpointError, FileNotFoundError) as e:
         raise ConfigError(f"aux_routers_from: {e}") from None
-    if not model.ffn_spec.learned_routing or model.router != "expert_choice":
-        raise ConfigError(f"aux_routers_from: {model.ffn} with {model.router} routing has no expert-choice "
-                          f"router to make causal")
+    spec = model.ffn_spec
+    if not spec.mod and (not spec.learned_routing or model.router != "expert_choice"):
+        raise ConfigError(f"aux_routers_from: {model.ffn} with {model.router} routing has no expert-choice or "
+                          f"mixture-of-depths router to make causal")
     mine = model.to_json()
     differ = sorted(k for k in set(saved) | set(mine) if k not in ("aux_routers", "max_seq_len", "moe_dispatch")
                     and saved.get(k) != mine.get(k))

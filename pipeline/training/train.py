@@ -343,7 +343,8 @@ def aux_router_summary(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Per layer and group (this rank's last forward with statistics): accuracy, precision, recall."""
     out = {}
     for i, layer in enumerate(getattr(model, "layers", [])):
-        for group, stats in getattr(layer.ffn, "aux_router_stats", {}).items():
+        found = {**getattr(layer.ffn, "aux_router_stats", {}), **getattr(layer, "aux_router_stats", {})}
+        for group, stats in found.items():
             out[f"{i}.{group}"] = {k: round(float(v), 4) for k, v in stats.items()}
     return out
 
