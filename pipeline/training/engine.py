@@ -69,8 +69,30 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     if cuda:
         torch.cuda.set_device(local)
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"))
+    if not cuda:
+        _unlink_shm_buffer(rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local,
                     device=torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU collective maps a 66 MB /dev/shm buffer per rank and never removes it: every
+    launch leaked 66 MB x ranks of RAM (tmpfs) until the machine ran out. Every rank maps every other
+    rank's buffer inside init_distributed, so after a barrier each rank can unlink its own name; the
+    mappings live on until the processes exit, also when they are killed."""
+    import glob
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    port = os.environ.get("MASTER_PORT", "")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def expert_group_name(ep_size: int) -> str:
