@@ -319,6 +319,13 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default="auto", help="auto (this run's latest checkpoint, if any) or a path")
     p.set_defaults(func=_cmd_train_aux_routers)
 
+    p = sub.add_parser("upcycle", help="a moma_1t1i checkpoint -> a moma_NtMi model with the same function and "
+                                       "data position, to continue training from (`train init_from=DIR`)")
+    p.add_argument("--from", dest="source", required=True, help="the moma_1t1i checkpoint (directory or tag)")
+    p.add_argument("--to", dest="target", required=True, help="the target variant, e.g. moma_4t4i")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.set_defaults(func=_cmd_upcycle)
+
     p = sub.add_parser("generate", help="text and images from an export (KV cache; one process, no DeepSpeed)")
     p.add_argument("--model", required=True, help="a `moma export` directory")
     p.add_argument("--prompt", default="", help="text after the (optional) image")
@@ -378,6 +385,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.json, vocab.json)")
+    return 0
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from moma.pipeline.training.upcycle import upcycle
+
+    out = upcycle(args.source, args.target, args.out)
+    print(f"upcycled {args.source} -> {args.target} in {out}; continue training with\n"
+          f"  deepspeed --num_gpus N --module moma.pipeline.cli train CONFIG model.ffn={args.target} init_from={out} "
+          f"model.overrides.router_noise=1.0 --resume auto")
     return 0
 
 
@@ -473,6 +490,36 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_commands(sub: argparse._SubParsersAction) -> None:
+    from moma.pipeline.experiments.flops_savings import SCALES, VARIANTS
+
+    exp = sub.add_parser("experiment", help="the paper's measurements, end to end")
+    esub = exp.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    p = esub.add_parser("flops-savings", help="FLOPs savings of each variant over dense at equal active FLOPs per "
+                                              "token, overall and by modality (report.md, report.json, PNGs)")
+    p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="training shards (DIR or DIR@WEIGHT)")
+    p.add_argument("--eval-data", nargs="+", required=True, metavar="SHARDS", help="held-out shards")
+    p.add_argument("--text-tokenizer", required=True, help="the BPE the shards were built with")
+    p.add_argument("--image-tokenizer", required=True, help="the image tokenizer the shards were built with")
+    p.add_argument("--scale", choices=sorted(SCALES), default="smoke")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; dense is always included")
+    p.add_argument("--seeds", type=int, default=None, help="default: the scale's (cpu: 2)")
+    p.add_argument("--out", required=True, help="experiment directory (rerun with the same one to resume)")
+    p.set_defaults(func=_cmd_flops_savings)
+
+
+def _cmd_flops_savings(args: argparse.Namespace) -> int:
+    from moma.pipeline.experiments.flops_savings import ExperimentInputs, run_experiment
+    from moma.pipeline.loader.loader import DataSource
+
+    inputs = ExperimentInputs(data=tuple(DataSource.parse(d) for d in args.data),
+                              eval_data=tuple(DataSource.parse(d) for d in args.eval_data),
+                              text_tokenizer=args.text_tokenizer, image_tokenizer=args.image_tokenizer)
+    run_experiment(inputs, args.scale, args.out, [v for v in args.variants.split(",") if v], args.seeds,
+                   command="moma " + " ".join(sys.argv[1:]))
+    return 0
+
+
 def _demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on embedded data: tokenizers, shards, 2-rank MoMa training, "
                                     "stop, resume, report")
@@ -502,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shards_commands(sub)
     _model_commands(sub)
     _training_commands(sub)
+    _experiment_commands(sub)
     _demo_command(sub)
     return parser
 

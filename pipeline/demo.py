@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from moma.pipeline.launch import deepspeed_command, launcher_env
 from moma.pipeline.synthetic import write_folder_corpus
 
 
@@ -39,20 +39,6 @@ def _say(msg: str) -> None:
 def _plays() -> list[str]:
     root = Path(str(importlib.resources.files("moma.pipeline") / "assets" / "text"))
     return sorted(str(p) for p in root.glob("*.txt"))
-
-
-def _launcher_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if not _has_cuda():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores: one thread each
-    return env
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -126,14 +112,12 @@ def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, st
     cfg_path = out / "demo_config.yaml"
     cfg_path.write_text(yaml.safe_dump(demo_config(out, steps), sort_keys=False))
     _run(_moma("train", str(cfg_path), "--check", "--world-size", str(ranks)))
-    deepspeed = Path(sys.executable).parent / "deepspeed"  # the launcher installed beside this Python
-    launch = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(ranks), "--module",
-              "moma.pipeline.cli", "train", str(cfg_path)]
+    launch = deepspeed_command(ranks, "train", str(cfg_path))
     half = steps // 2
     print(f"-- phase 1: steps 1-{half}, checkpoint, stop")
-    _run(launch + [f"stop_at_step={half}", "--resume", "auto"], env=_launcher_env())
+    _run(launch + [f"stop_at_step={half}", "--resume", "auto"], env=launcher_env())
     print(f"-- phase 2: resume from the step-{half} checkpoint, steps {half + 1}-{steps}")
-    _run(launch + ["--resume", "auto"], env=_launcher_env())
+    _run(launch + ["--resume", "auto"], env=launcher_env())
 
     _say("5/6 report")
     run_dir = out / "run"
@@ -144,10 +128,10 @@ def run_demo(out: str | Path, images: int = 3000, image_minutes: float = 2.5, st
     _say("6/6 causal inference: auxiliary routers, held-out loss EC vs causal, a caption and a picture")
     aux = run_dir / "aux_routers"
     shards = out / "shards"
-    _run([launch[0], "--num_gpus", str(ranks), "--module", "moma.pipeline.cli", "train-aux-routers", "--from",
-          str(run_dir / "checkpoints"), "--data", f"{shards / 'captions'}@0.85", f"{shards / 'text'}@0.15",
-          "--eval-data", str(shards / "heldout"), "--steps", "60", "--out", str(aux), "optim.lr=0.003"],
-         env=_launcher_env())
+    _run(deepspeed_command(ranks, "train-aux-routers", "--from", str(run_dir / "checkpoints"), "--data",
+                           f"{shards / 'captions'}@0.85", f"{shards / 'text'}@0.15", "--eval-data",
+                           str(shards / "heldout"), "--steps", "60", "--out", str(aux), "optim.lr=0.003"),
+         env=launcher_env())
     causal = run_dir / "export_causal"
     _run(_moma("export", str(aux / "checkpoints"), "--out", str(causal)))
     print(causal_report(out, run_dir, causal))

@@ -81,6 +81,11 @@ class ModelConfig:
     moe_dispatch: str = "moma"  # moma: exact work (moe.py) | deepspeed: DeepSpeed's MOELayer (the reference)
     aux_routers: bool = False  # the auxiliary routers of causal inference (MoMa §2.4), one per MoE layer and group
     mod_capacity: float = 0.25  # "_mod" variants: share of each sequence's tokens a MoD layer keeps
+    # Gumbel-sigmoid noise on the expert-choice router logits while training (the paper's, after
+    # upcycling): logits + scale * Logistic(0, 1), over temperature, for both ranking and gate; 0: off.
+    # Never at eval.
+    router_noise: float = 0.0
+    router_noise_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         spec = parse_ffn(self.ffn)
@@ -98,6 +103,16 @@ class ModelConfig:
                 raise ValueError(f"token_choice_k {self.token_choice_k} must be in [1, {smallest}] for {self.ffn}")
         if self.moe_dispatch not in ("moma", "deepspeed"):
             raise ValueError(f"moe_dispatch must be moma or deepspeed, got {self.moe_dispatch!r}")
+        if self.n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {self.n_layers}"
+                             + (" (a _mod variant needs at least one mixture-of-depths layer)" if spec.mod else ""))
+        if self.router_noise < 0 or self.router_noise_temperature <= 0:
+            raise ValueError(f"router_noise must be >= 0 and router_noise_temperature > 0, got "
+                             f"{self.router_noise} and {self.router_noise_temperature}")
+        if self.router_noise and not (spec.learned_routing and self.router == "expert_choice"
+                                      and self.moe_dispatch == "moma"):
+            raise ValueError(f"router_noise applies to expert-choice routers with moe_dispatch moma; {self.ffn} "
+                             f"with {self.router} routing and moe_dispatch {self.moe_dispatch} has none")
         if spec.mod and not 0 < self.mod_capacity <= 1:
             raise ValueError(f"mod_capacity must lie in (0, 1], got {self.mod_capacity}")
         if self.capacity_factor <= 0:

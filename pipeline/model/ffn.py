@@ -141,8 +141,10 @@ class GroupedMoEFFN(nn.Module):
                 out = out.index_copy(0, idx, y)
                 continue
             if self.cfg.router == "expert_choice":
+                noise = (self.cfg.router_noise, self.cfg.router_noise_temperature) \
+                    if self.training and self.cfg.router_noise > 0 else None
                 y, done = expert_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
-                                        self.cfg.capacity_factor, self.exchange)
+                                        self.cfg.capacity_factor, self.exchange, noise)
                 picks = None
             else:
                 y, l_aux, done = token_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,

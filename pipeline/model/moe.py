@@ -6,9 +6,10 @@ the work the routing asks for.
 
 Expert choice in a group of E experts over b tokens of its modality (pads excluded): expert j takes
 its k = min(b, ceil(b · capacity_factor / E)) tokens with the highest router *logit* (ranking by the
-sigmoid saturates in fp32 and breaks ties arbitrarily; the gate value is still sigmoid(logit)). The
-k tokens of every expert are gathered into [E · k, d] rows, each local expert runs on exactly its
-rows (no padding to a common capacity), and the outputs are combined with `index_add` in fp32.
+sigmoid saturates in fp32 and breaks ties arbitrarily; the gate value is still sigmoid(logit); exact
+ties go round robin over the experts, see `_expert_ranking`). The k tokens of every expert are
+gathered into [E · k, d] rows, each local expert runs on exactly its rows (no padding to a common
+capacity), and the outputs are combined with `index_add` in fp32.
 
 Expert parallelism is not this module's business: an `exchange(rows, send_splits, recv_splits)`
 (an all-to-all with exact split sizes, installed by training/engine.py) moves expert e's rows to the
@@ -132,18 +133,39 @@ def _combine(x: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor, y:
     return out.to(x.dtype)
 
 
+def _expert_ranking(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's k best tokens by score: ([k, E] scores, [k, E] token indices). Ties go round
+    robin: expert e ranks tied tokens from position e·b/E on (a stable sort of rotated columns), so
+    identical experts with identical scores (an upcycled model's zero router) split the tokens
+    instead of all taking the same first k. Without ties this is topk."""
+    b, num_experts = scores.shape
+    offsets = torch.arange(num_experts, device=scores.device) * b // num_experts
+    order = (torch.arange(b, device=scores.device).unsqueeze(1) + offsets) % b  # [b, E]
+    ranked, idx = scores.gather(0, order).sort(dim=0, descending=True, stable=True)
+    return ranked[:k], order.gather(0, idx[:k])
+
+
+def gumbel_sigmoid_scores(logits: torch.Tensor, scale: float, temperature: float) -> torch.Tensor:
+    """(logits + scale · Logistic(0, 1)) / temperature: Gumbel-sigmoid (the difference of two Gumbels
+    is logistic), fresh per token and expert."""
+    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    return (logits + scale * (u.log() - (-u).log1p())) / temperature
+
+
 def expert_choice(x: torch.Tensor, router: nn.Linear, experts: nn.ModuleList, counts: list[int], ep_rank: int,
-                  capacity_factor: float, exchange: Exchange | None = None
-                  ) -> tuple[torch.Tensor, dict[str, object]]:
+                  capacity_factor: float, exchange: Exchange | None = None,
+                  noise: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict[str, object]]:
     """x [b, d]: this rank's tokens of the group. Returns the group's output [b, d] and what was
-    done (slots per rank, rows per local expert, the selection) for statistics and tests."""
+    done (slots per rank, rows per local expert, the selection) for statistics and tests. `noise`:
+    (scale, temperature) of Gumbel-sigmoid noise on the logits (training after upcycling)."""
     num_experts = router.out_features
     slots = [ec_capacity(c, num_experts, capacity_factor) for c in counts]
     k = slots[ep_rank]
     logits = F.linear(x.float(), router.weight.float())  # [b, E], routing in fp32
-    top_logits, top_tokens = logits.topk(k, dim=0)  # [k, E]: each expert's k best tokens, by logit
+    scores = logits if noise is None else gumbel_sigmoid_scores(logits, *noise)
+    top_scores, top_tokens = _expert_ranking(scores, k)  # [k, E]: each expert's k best tokens
     token_index = top_tokens.t().reshape(-1)  # [E * k], expert-major
-    gates = torch.sigmoid(top_logits).t().reshape(-1)
+    gates = torch.sigmoid(top_scores).t().reshape(-1)
     y, rows = _run_experts(x.index_select(0, token_index), experts, slots, exchange, ep_rank)
     return _combine(x, token_index, gates, y), {"logits": logits, "token_index": token_index, "slots": slots,
                                                 "rows": rows}

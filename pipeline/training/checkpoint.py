@@ -172,7 +172,7 @@ def new_tag(ckpt_dir: Path, step: int) -> str:
     return tag
 
 
-def find_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | None:
+def find_checkpoint(resume: str | None, ckpt_dir: Path, flag: str = "--resume") -> tuple[Path, str] | None:
     """--resume auto: `latest` if it names a complete checkpoint, else (warning) the newest complete
     one, else None; --resume PATH: that checkpoint (a tag directory, or a directory with `latest`)."""
     if resume is None:
@@ -184,7 +184,7 @@ def find_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | No
         return path.parent, path.name
     if path.is_dir() and ((path / LATEST).exists() or checkpoints(path)):
         return _latest_or_newest(path, required=True)
-    raise CheckpointError(f"--resume {resume}: neither a checkpoint directory with '{LATEST}' nor a complete "
+    raise CheckpointError(f"{flag} {resume}: no checkpoint there: neither a checkpoint directory with '{LATEST}' nor a complete "
                           f"checkpoint (a global_step* directory with '{COMPLETE}')")
 
 

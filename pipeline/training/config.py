@@ -99,6 +99,10 @@ class TrainConfig:
     # a pre-trained checkpoint whose model is frozen while this run fits its auxiliary routers (MoMa
     # §2.4) to its expert-choice selections (`moma train-aux-routers`); None: ordinary training
     aux_routers_from: str | None = None
+    # a model directory to start from (`moma upcycle`'s output, or an export): its weights, and its
+    # data position when it has one; step counter, optimizer and LR schedule start fresh. Ignored
+    # once this run has a checkpoint of its own (--resume auto continues that).
+    init_from: str | None = None
     # Fault injection for tests of the skip path: each occurrence of step s makes one more micro-batch
     # of step s non-finite (on every rank). Empty in real runs.
     debug_nonfinite_at: list[int] = dataclasses.field(default_factory=list)

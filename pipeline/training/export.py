@@ -34,8 +34,8 @@ from moma.tokenizers.fileio import write_json_atomic
 WEIGHTS = "model.safetensors"
 
 
-def _tag_dir(ckpt: str | Path) -> Path:
-    found = find_checkpoint(str(ckpt), Path(ckpt))
+def _tag_dir(ckpt: str | Path, flag: str = "checkpoint") -> Path:
+    found = find_checkpoint(str(ckpt), Path(ckpt), flag)
     if found is None:
         raise CheckpointError(f"{ckpt}: no checkpoint")
     return found[0] / found[1]
@@ -53,34 +53,43 @@ def consolidated_state(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, client
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Every tensor of the model (ep_size 1, i.e. global names) and its shape, without allocating."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Transformer(cfg, ep_size=1).state_dict().items()}
+
+
+def write_model_dir(out: Path, state: dict[str, torch.Tensor], client: dict[str, Any], model: dict[str, Any],
+                    info: dict[str, Any]) -> Path:
+    """An export directory: model.safetensors (global names), config.json, vocab.json, tokenizers.json
+    and `info` as export.json; each file under its final name only when complete."""
     from safetensors.torch import save_file
 
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file({k: state[k].contiguous() for k in sorted(state)}, str(tmp),
+              metadata={"format": "pt", "source": str(info.get("checkpoint")), "step": str(client["step"])})
+    tmp.replace(out / WEIGHTS)
+    write_json_atomic(out / "config.json", model)
+    write_json_atomic(out / "vocab.json", client["vocab"])
+    tokenizers = client.get("config", {}).get("tokenizers", {})
+    write_json_atomic(out / "tokenizers.json", {"text": tokenizers.get("text"), "image": tokenizers.get("image"),
+                                                "text_pattern": tokenizers.get("text_pattern")})
+    write_json_atomic(out / "export.json", {**info, "parameters": sum(v.numel() for v in state.values())})
+    return out
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     tag_dir = _tag_dir(ckpt)
     state, client = consolidated_state(tag_dir)
-    cfg = ModelConfig.from_json(client["model"])
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in Transformer(cfg, ep_size=1).state_dict().items()}
+    expected = expected_shapes(ModelConfig.from_json(client["model"]))
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         raise CheckpointError(f"{tag_dir}: consolidated weights do not match the model: missing {missing[:5]}, "
                               f"unexpected {extra[:5]}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file({k: state[k].contiguous() for k in sorted(expected)}, str(tmp),
-              metadata={"format": "pt", "source": str(tag_dir), "step": str(client["step"])})
-    tmp.replace(out / WEIGHTS)
-    write_json_atomic(out / "config.json", client["model"])
-    write_json_atomic(out / "vocab.json", client["vocab"])
-    tokenizers = client.get("config", {}).get("tokenizers", {})
-    write_json_atomic(out / "tokenizers.json", {"text": tokenizers.get("text"), "image": tokenizers.get("image"),
-                                                "text_pattern": tokenizers.get("text_pattern")})
-    write_json_atomic(out / "export.json", {"checkpoint": str(tag_dir), "step": client["step"],
-                                            "tokens": client["tokens"],
-                                            "parameters": sum(v.numel() for v in state.values())})
-    return out
+    return write_model_dir(Path(out), state, client, client["model"],
+                           {"checkpoint": str(tag_dir), "step": client["step"], "tokens": client["tokens"]})
 
 
 def load_exported(directory: str | Path, device: str = "cpu") -> Transformer:

@@ -103,6 +103,33 @@ def model_config(cfg: TrainConfig, vocab: Vocab) -> ModelConfig:
         raise ConfigError(f"model: {e}") from None
 
 
+# settings that change how a model is run or trained, not its weights
+RUN_SETTINGS = ("max_seq_len", "moe_dispatch", "router_noise", "router_noise_temperature")
+
+
+def _same_model(key: str, path: str, saved: dict[str, Any], model: ModelConfig, ignore: tuple[str, ...] = ()) -> None:
+    mine = model.to_json()
+    skip = set(RUN_SETTINGS) | set(ignore)
+    differ = sorted(k for k in set(saved) | set(mine) if k not in skip and saved.get(k, mine.get(k)) != mine.get(k))
+    if differ:
+        what = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} here" for k in differ[:4])
+        raise ConfigError(f"{key}: {path} holds another model ({what})")
+
+
+def check_init_source(path: str, model: ModelConfig) -> Path:
+    """The model a run starts from (`init_from`, e.g. `moma upcycle`'s output): an export directory
+    holding this very model (capacity factor and run settings may differ)."""
+    from moma.pipeline.training.export import WEIGHTS
+
+    root = Path(path)
+    if not (root / WEIGHTS).exists() or not (root / "config.json").exists():
+        raise ConfigError(f"init_from: {path} is not a model directory (no {WEIGHTS} / config.json; make one with "
+                          f"`moma upcycle` or `moma export`)")
+    saved = json.loads((root / "config.json").read_text())
+    _same_model("init_from", path, saved, model, ignore=("capacity_factor", "aux_routers"))
+    return root
+
+
 def check_aux_source(path: str, model: ModelConfig) -> Path:
     """The checkpoint whose auxiliary routers a run fits: it must exist and hold this very model."""
     from moma.pipeline.training.checkpoint import CheckpointError, find_checkpoint, load_model_states
@@ -118,12 +145,7 @@ def check_aux_source(path: str, model: ModelConfig) -> Path:
     if not spec.mod and (not spec.learned_routing or model.router != "expert_choice"):
         raise ConfigError(f"aux_routers_from: {model.ffn} with {model.router} routing has no expert-choice or "
                           f"mixture-of-depths router to make causal")
-    mine = model.to_json()
-    differ = sorted(k for k in set(saved) | set(mine) if k not in ("aux_routers", "max_seq_len", "moe_dispatch")
-                    and saved.get(k) != mine.get(k))
-    if differ:
-        what = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} here" for k in differ[:4])
-        raise ConfigError(f"aux_routers_from: {path} holds another model ({what})")
+    _same_model("aux_routers_from", path, saved, model, ignore=("aux_routers",))
     return found[0] / found[1]
 
 
@@ -158,6 +180,11 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     model = model_config(cfg, vocab)
     if cfg.aux_routers_from:
         check_aux_source(cfg.aux_routers_from, model)
+    if cfg.init_from:
+        if cfg.aux_routers_from:
+            raise ConfigError("init_from and aux_routers_from exclude each other (the auxiliary-router fit loads "
+                              "its own model)")
+        check_init_source(cfg.init_from, model)
     ds = build_ds_config(cfg, world_size)
     try:
         check_parallel_layout(model, cfg.parallel.ep_size, world_size, zero_stage(ds))

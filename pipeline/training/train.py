@@ -36,6 +36,7 @@ from moma.pipeline.training.checkpoint import (
     new_tag,
     read_rank_states,
     rng_state,
+    safe_load,
     save_universal,
     set_rng_state,
     write_rank_state,
@@ -113,26 +114,64 @@ def setup_engine(cfg: TrainConfig) -> tuple[RunPlan, Any, Any, int]:
                         dtype=torch.bfloat16 if precision(plan.ds_config) == "bf16" else torch.float32)
     if cfg.aux_routers_from:
         freeze_all_but_aux_routers(model, check_aux_source(cfg.aux_routers_from, plan.model), ep, ep_rank)
+    elif cfg.init_from:
+        load_init_weights(model, Path(cfg.init_from), ep, ep_rank)
     engine = initialize_engine(model, plan.ds_config, cfg.optim.weight_decay, lr_lambda(cfg))
     return plan, info, engine, ep_rank
+
+
+def _copy_weights(model: torch.nn.Module, tensor: Any, where: Path, ep: int, ep_rank: int,
+                  skip: str | None = None) -> list[torch.nn.Parameter]:
+    """Set each parameter (but those whose name holds `skip`) from `tensor(global name)` (None:
+    missing); this rank's experts by their global names. Returns the parameters set."""
+    from moma.pipeline.training.expert_layout import ExpertLayout
+
+    names = ExpertLayout(ep, ep_rank).global_names(model)
+    done = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if skip and skip in name:
+                continue
+            value = tensor(names[name])
+            if value is None:
+                raise CheckpointError(f"{where} lacks {names[name]}: not this model")
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"{where}: {names[name]} has shape {tuple(value.shape)}, the model "
+                                      f"{tuple(p.shape)}")
+            p.copy_(value.to(p.device, p.dtype))
+            done.append(p)
+    return done
 
 
 def freeze_all_but_aux_routers(model: torch.nn.Module, tag_dir: Path, ep: int, ep_rank: int) -> None:
     """The pre-trained weights (this rank's experts by their global names), frozen: no gradient and
     no optimizer state; only the auxiliary routers train."""
-    from moma.pipeline.training.expert_layout import ExpertLayout
     from moma.pipeline.training.export import consolidated_state
 
     state, _ = consolidated_state(tag_dir)
-    names = ExpertLayout(ep, ep_rank).global_names(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "causal_routers" in name:
-                continue
-            if names[name] not in state:
-                raise CheckpointError(f"{tag_dir} lacks {names[name]}: not this model")
-            p.copy_(state[names[name]].to(p.device, p.dtype))
-            p.requires_grad_(False)
+    for p in _copy_weights(model, state.get, tag_dir, ep, ep_rank, skip="causal_routers"):
+        p.requires_grad_(False)
+
+
+def load_init_weights(model: torch.nn.Module, directory: Path, ep: int, ep_rank: int) -> None:
+    """`init_from`: every parameter from the model directory's safetensors, read memory-mapped
+    (a rank reads only the tensors it holds)."""
+    from safetensors import safe_open
+
+    from moma.pipeline.training.export import WEIGHTS
+
+    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+        keys = set(f.keys())
+        _copy_weights(model, lambda name: f.get_tensor(name) if name in keys else None, directory, ep, ep_rank)
+
+
+def init_loader_states(directory: Path) -> list[dict[str, Any]] | None:
+    """The data position a model directory carries (`moma upcycle`: every source rank's loader
+    state), re-split by the loader for this run's world; None: start the data from the beginning."""
+    from moma.pipeline.training.upcycle import LOADER_STATES
+
+    path = directory / LOADER_STATES
+    return safe_load(path)["states"] if path.exists() else None
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> int:
@@ -148,6 +187,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> int:
     found = find_checkpoint(resume, ckpt_dir)
     if found is not None:
         progress, loader_state = resume_from(engine, plan, found, ep_rank, info.rank)
+    elif cfg.init_from:
+        loader_state = init_loader_states(Path(cfg.init_from))
+        if info.is_main:
+            print(f"starting from {cfg.init_from} (weights{' and data position' if loader_state else ''}; "
+                  f"fresh optimizer and schedule)", flush=True)
 
     loader = PackedLoader(cfg.data, batch_size=cfg.parallel.micro_batch, seed=cfg.seed, rank=info.rank,
                           world_size=plan.world_size, vocab=plan.vocab, consumer=f"{run_dir}/config.yaml",

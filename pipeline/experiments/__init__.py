@@ -1,0 +1,1 @@
+"""The paper's measurements as commands (`moma experiment ...`)."""
