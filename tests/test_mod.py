@@ -93,3 +93,50 @@ def test_bad_mod_settings_are_refused() -> None:
 
     with pytest.raises(ValueError, match="mixture-of-depths .* not causal"):
         model(mixed_ids()[:, :3], cache=KVCache(4))
+
+
+# --- for real: the deepspeed launcher, 2 gloo ranks, expert parallel 2 ----------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory):
+    from training_fixtures import make_training_data
+
+    return make_training_data(tmp_path_factory.mktemp("mod_data"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["zero1_fp32", "zero2_fp32"])
+def test_mod_under_the_launcher_resumes_exactly_and_exports(ds_config: str, data, tmp_path) -> None:
+    """moma_4t4i_mod with ZeRO-1/2 and ep 2: 6 steps in one launch = 3 steps, stop, resume to 6 (every
+    loss and document bit for bit); the export reloads to the engine's logits."""
+    from dist_fixtures import run_distributed_test
+    from launch_fixtures import run_deepspeed
+    from test_training_distributed import probe_checkpoint
+    from training_fixtures import run_config, write_config
+
+    from moma.pipeline.training.export import export_checkpoint, load_exported
+    from moma.pipeline.training.metrics import read_metrics
+
+    train = ["--module", "moma.pipeline.cli", "train"]
+    configs = {}
+    for name in ("whole", "split"):
+        configs[name] = write_config(run_config(data, tmp_path / name, max_steps=6, model__ffn="moma_4t4i_mod",
+                                                parallel__ds_config=ds_config, checkpoint__every=3),
+                                     tmp_path / f"{name}.yaml")
+    run_deepspeed([*train, str(configs["whole"]), "--resume", "auto"], log=tmp_path / "whole.log")
+    run_deepspeed([*train, str(configs["split"]), "stop_at_step=3", "--resume", "auto"], log=tmp_path / "s1.log")
+    run_deepspeed([*train, str(configs["split"]), "--resume", "auto"], log=tmp_path / "s2.log")
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert (ra["loss"], ra["loss_text"], ra["loss_image"]) == (rb["loss"], rb["loss_text"], rb["loss_image"])
+        assert ra["docs_digest"] == rb["docs_digest"]
+    ckpt = tmp_path / "whole" / "checkpoints"
+    records = run_distributed_test(probe_checkpoint, world_size=2, func_args=(configs["whole"], ckpt),
+                                   func_kwargs={"logits": True})
+    model = load_exported(export_checkpoint(ckpt, tmp_path / "export"))
+    for rec in records:
+        with torch.no_grad():
+            mine = model(rec["ids"]).logits
+        assert torch.allclose(mine, rec["logits"], atol=1e-5), float((mine - rec["logits"]).abs().max())

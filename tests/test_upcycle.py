@@ -51,9 +51,10 @@ def mixed_model(ffn: str, **kw: object):
 
 # --- on one process ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", ["moma_4t4i", "moma_2t4i"])
-def test_upcycled_model_has_the_1t1i_function(target: str) -> None:
-    src_cfg = mixed_model("moma_1t1i")
+@pytest.mark.parametrize(("source", "target"), [("moma_1t1i", "moma_4t4i"), ("moma_1t1i", "moma_2t4i"),
+                                                 ("moma_1t1i_mod", "moma_4t4i_mod")])
+def test_upcycled_model_has_the_1t1i_function(source: str, target: str) -> None:
+    src_cfg = mixed_model(source)
     src = build_model(src_cfg, seed=3)
     state = {k: v.detach().clone() for k, v in src.state_dict().items()}
     dst_cfg = upcycled_config(src_cfg, target)
@@ -216,3 +217,10 @@ def test_bad_upcycling_input_is_refused_before_launch(runs: dict[str, Path], tmp
     assert check.returncode == 2 and "is not a model directory" in check.stderr
     check = moma("train", str(runs["m4_config"]), "model.ffn=moma_8t8i", "--check", "--world-size", "2")
     assert check.returncode == 2 and "ffn" in check.stderr
+    # a group count the expert-parallel size does not divide: upcycled fine, refused before launch
+    three = moma("upcycle", "--from", str(runs["m1"] / "checkpoints"), "--to", "moma_3t4i", "--out",
+                 str(tmp_path / "three"))
+    assert three.returncode == 0, three.stderr
+    check = moma("train", str(runs["m4_config"]), "model.ffn=moma_3t4i", f"init_from={tmp_path / 'three'}",
+                 "--check", "--world-size", "2")
+    assert check.returncode == 2 and "3" in check.stderr and "expert-parallel" in check.stderr, check.stderr

@@ -73,9 +73,9 @@ SCALES: dict[str, Scale] = {
     "cpu": Scale(preset="tiny", model={}, seq_len=256, micro_batch=8, steps=300, dense_multipliers=(0.5, 1, 2, 4),
                  warmup_steps=30, lr=2e-3, eval_batches=16, seeds=2, ranks=2, checkpoint_every=150),
     # one H200 in about 8 minutes (jobs/gpu/flops_savings.sh): a 90m-class width at a short budget
-    "gpu": Scale(preset="90m", model=dict(n_layers=4), seq_len=1024, micro_batch=16, steps=400,
+    "gpu": Scale(preset="90m", model=dict(n_layers=4), seq_len=1024, micro_batch=16, steps=300,
                  dense_multipliers=(0.5, 1, 2, 4), warmup_steps=40, lr=1e-3, eval_batches=16, seeds=1, ranks=1,
-                 checkpoint_every=400),
+                 checkpoint_every=300),
 }
 
 

@@ -184,8 +184,8 @@ def find_checkpoint(resume: str | None, ckpt_dir: Path, flag: str = "--resume") 
         return path.parent, path.name
     if path.is_dir() and ((path / LATEST).exists() or checkpoints(path)):
         return _latest_or_newest(path, required=True)
-    raise CheckpointError(f"{flag} {resume}: no checkpoint there: neither a checkpoint directory with '{LATEST}' nor a complete "
-                          f"checkpoint (a global_step* directory with '{COMPLETE}')")
+    raise CheckpointError(f"{flag} {resume}: no checkpoint there: neither a checkpoint directory with '{LATEST}' "
+                          f"nor a complete checkpoint (a global_step* directory with '{COMPLETE}')")
 
 
 def _latest_or_newest(ckpt_dir: Path, required: bool) -> tuple[Path, str] | None:
