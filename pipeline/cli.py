@@ -504,6 +504,8 @@ def _experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; dense is always included")
     p.add_argument("--seeds", type=int, default=None, help="default: the scale's (cpu: 2)")
+    p.add_argument("--variant-budgets", default="1",
+                   help="comma-separated multiples of the scale's steps each variant trains at (dense too), e.g. 1,4")
     p.add_argument("--out", required=True, help="experiment directory (rerun with the same one to resume)")
     p.set_defaults(func=_cmd_flops_savings)
 
@@ -515,8 +517,12 @@ def _cmd_flops_savings(args: argparse.Namespace) -> int:
     inputs = ExperimentInputs(data=tuple(DataSource.parse(d) for d in args.data),
                               eval_data=tuple(DataSource.parse(d) for d in args.eval_data),
                               text_tokenizer=args.text_tokenizer, image_tokenizer=args.image_tokenizer)
+    try:
+        budgets = [float(m) for m in args.variant_budgets.split(",") if m]
+    except ValueError:
+        raise ValueError(f"--variant-budgets: numbers separated by commas, got {args.variant_budgets!r}") from None
     run_experiment(inputs, args.scale, args.out, [v for v in args.variants.split(",") if v], args.seeds,
-                   command="moma " + " ".join(sys.argv[1:]))
+                   command="moma " + " ".join(sys.argv[1:]), variant_budgets=budgets)
     return 0
 
 

@@ -86,6 +86,21 @@ def test_savings_are_read_off_dense_finished_runs() -> None:
     assert math.isclose(out["moma_1t1i"]["loss"]["all"], 2.31)
 
 
+def test_variants_at_several_budgets_are_each_placed_on_dense_curve() -> None:
+    runs = plan_runs(SCALES["cpu"], ["dense", "moma_4t4i"], 2, (1, 4, 8))
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    assert sorted({r.multiplier for r in runs if r.variant == "dense"}) == [0.5, 1, 2, 4, 8]  # 8x added
+    assert sorted((r.multiplier, r.seed) for r in runs if r.variant == "moma_4t4i") == \
+        [(1, 0), (1, 1), (4, 0), (4, 1), (8, 0), (8, 1)]
+    dense = {("dense", m): [loss, loss + 0.01] for m, loss in ((0.5, 3.0), (1, 2.6), (2, 2.3), (4, 2.1))}
+    results, runs, models = fake_results({**dense, ("moma_4t4i", 1): [2.6, 2.61], ("moma_4t4i", 4): [2.3, 2.31]})
+    out = {(s["variant"], s["multiplier"]): s for s in analyse(results, runs, models, seq_len=256)["variants"]}
+    assert out[("moma_4t4i", 1)]["savings"]["all"]["no_difference"]
+    behind = out[("moma_4t4i", 4)]["savings"]["all"]  # dense's 2x loss with 4x the FLOPs: half
+    assert behind["factor"] == pytest.approx(0.5, rel=0.02) and not behind["no_difference"]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_training_data(tmp_path_factory.mktemp("fs_data"))

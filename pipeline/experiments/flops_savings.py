@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from moma.pipeline.config_parsing import ConfigError
 from moma.pipeline.loader.loader import DataSource
 from moma.tokenizers.fileio import write_json_atomic
@@ -99,13 +101,16 @@ class ExperimentInputs:
     image_tokenizer: str
 
 
-def plan_runs(scale: Scale, variants: Sequence[str], seeds: int) -> list[RunSpec]:
-    """Dense at every budget multiplier, each other variant at 1x; every point at every seed."""
+def plan_runs(scale: Scale, variants: Sequence[str], seeds: int,
+              variant_budgets: Sequence[float] = (1,)) -> list[RunSpec]:
+    """Dense at every budget multiplier (and every variant budget), each other variant at each of
+    `variant_budgets` (default: 1x); every point at every seed."""
+    dense = sorted({*scale.dense_multipliers, *variant_budgets})
     runs = []
     for seed in range(seeds):
-        for m in scale.dense_multipliers:
-            runs.append(RunSpec("dense", m, seed, max(1, round(scale.steps * m))))
-        runs += [RunSpec(v, 1, seed, scale.steps) for v in variants if v != "dense"]
+        runs += [RunSpec("dense", m, seed, max(1, round(scale.steps * m))) for m in dense]
+        runs += [RunSpec(v, m, seed, max(1, round(scale.steps * m))) for m in variant_budgets
+                 for v in variants if v != "dense"]
     return runs
 
 
@@ -153,24 +158,29 @@ def check_runs(trees: dict[str, dict[str, Any]], ranks: int) -> dict[str, Any]:
     return models
 
 
-def launch_run(tree: dict[str, Any], ranks: int, log: Path) -> None:
-    """`moma train` under the deepspeed launcher; resumes the run's own checkpoint if it has one."""
+def launch_run(tree: dict[str, Any], ranks: int, log: Path, label: str) -> None:
+    """`moma train` under the deepspeed launcher; resumes the run's own checkpoint if it has one.
+    Everything it prints goes to `log`; its progress and evaluation lines also to stdout, labelled."""
     from moma.pipeline.launch import deepspeed_command, free_port, launcher_env
 
     run_dir = Path(tree["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "experiment_config.yaml"
-    import yaml
-
     cfg.write_text(yaml.safe_dump(tree, sort_keys=False))
     cmd = deepspeed_command(ranks, "train", str(cfg), "--resume", "auto", master_port=free_port())
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=launcher_env())
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launcher_env(), text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith(("train:", "step ", "resumed from")):
+                print(f"{label} {line.rstrip()}", flush=True)
+        code = proc.wait()
+    if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise RuntimeError(f"run {run_dir.name} failed (exit {proc.returncode}); its log {log} ends:\n{tail}")
+        raise RuntimeError(f"run {run_dir.name} failed (exit {code}); its log {log} ends:\n{tail}")
 
 
 def collect_result(run_dir: Path, steps: int) -> dict[str, Any]:
@@ -259,8 +269,11 @@ def analyse(results: dict[str, dict[str, Any]], runs: list[RunSpec], models: dic
     curves = {m: sorted((p["flops"][m], p["loss"][m]) for p in dense) for m in MODALITIES}
     spreads = {m: sorted((p["flops"][m], p["spread"][m]) for p in dense) for m in MODALITIES}
     variants = []
-    for variant in dict.fromkeys(r.variant for r in runs):
-        s = summary(variant, 1)
+    budgets = sorted({r.multiplier for r in runs if r.variant != "dense"} or {1})
+    for variant, mult in ((v, m) for m in budgets for v in dict.fromkeys(r.variant for r in runs)):
+        if (variant, mult) not in points:
+            continue
+        s = summary(variant, mult)
         s["savings"] = {}
         for m in MODALITIES:
             reach, extrapolated = dense_flops_to_reach(curves[m], s["loss"][m])
@@ -300,7 +313,8 @@ def _loss(s: dict[str, Any], m: str) -> str:
 def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [f"# FLOPs savings over dense — scale `{meta['scale']}`", "",
              f"{meta['seeds']} seed(s) per point; {meta['steps']} steps of {meta['tokens_per_step']:,} tokens per "
-             f"variant run; dense at {', '.join(f'{m:g}x' for m in meta['dense_multipliers'])} of that. Held-out "
+             f"variant run (x{', x'.join(f'{m:g}' for m in meta['variant_budgets'])}); dense at "
+             f"{', '.join(f'{m:g}x' for m in meta['dense_multipliers'])} of that. Held-out "
              f"loss in nats/token ({meta['eval_batches']} batches of the eval shards, mean ± half the seed range). "
              "Savings: dense FLOPs to reach the variant's loss / the variant's FLOPs, interpolated in log FLOPs "
              "on dense's finished runs; \"no difference\": inside the seed spreads.", "",
@@ -309,8 +323,9 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in analysis["variants"]:
         a, f = s["params_active"], s["flops_per_token"]
+        label = s["variant"] if s["multiplier"] == 1 else f"{s['variant']} ({s['multiplier']:g}x budget)"
         lines.append(
-            f"| {s['variant']} | {_m(s['params_total'])} | {_m(a['text'])} / {_m(a['image'])} | "
+            f"| {label} | {_m(s['params_total'])} | {_m(a['text'])} / {_m(a['image'])} | "
             f"{f['text'] / 1e9:.4f} / {f['image'] / 1e9:.4f} | {_loss(s, 'all')} | {_loss(s, 'text')} | "
             f"{_loss(s, 'image')} | {_saving(s['savings']['all'])} | {_saving(s['savings']['text'])} | "
             f"{_saving(s['savings']['image'])} | {s['tokens_per_s'] or 0:,.0f} |")
@@ -342,8 +357,8 @@ def plot(analysis: dict[str, Any], out: Path) -> list[Path]:
         for s in analysis["variants"]:
             if s["variant"] == "dense":
                 continue
-            ax.errorbar([s["flops"][m]], [s["loss"][m]], yerr=[s["spread"][m]], fmt="s", capsize=3,
-                        label=s["variant"])
+            label = s["variant"] if s["multiplier"] == 1 else f"{s['variant']} ({s['multiplier']:g}x)"
+            ax.errorbar([s["flops"][m]], [s["loss"][m]], yerr=[s["spread"][m]], fmt="s", capsize=3, label=label)
         ax.set_xscale("log")
         ax.set_xlabel(f"training FLOPs ({m} tokens)" if m != "all" else "training FLOPs")
         ax.set_ylabel(f"held-out loss ({m})")
@@ -362,7 +377,10 @@ def plot(analysis: dict[str, Any], out: Path) -> list[Path]:
 # --- the command -------------------------------------------------------------------------------------
 
 def run_experiment(inputs: ExperimentInputs, scale_name: str, out: str | Path, variants: Sequence[str] = VARIANTS,
-                   seeds: int | None = None, command: str = "") -> dict[str, Any]:
+                   seeds: int | None = None, command: str = "", variant_budgets: Sequence[float] = (1,)
+                   ) -> dict[str, Any]:
+    """Every run (planned and checked first), then the analysis, report.md/json and the plots.
+    `variant_budgets`: multiples of the scale's steps each variant trains at (dense runs at each too)."""
     if scale_name not in SCALES:
         raise ConfigError(f"--scale must be one of {sorted(SCALES)}, got {scale_name!r}")
     scale = SCALES[scale_name]
@@ -374,10 +392,12 @@ def run_experiment(inputs: ExperimentInputs, scale_name: str, out: str | Path, v
     seeds = scale.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not variant_budgets or any(m <= 0 for m in variant_budgets):
+        raise ConfigError(f"--variant-budgets must be positive multiples of the scale's steps, got {variant_budgets}")
     if not inputs.eval_data:
         raise ConfigError("--eval-data is required: savings are measured on held-out loss")
     out = Path(out).resolve()
-    runs = plan_runs(scale, variants, seeds)
+    runs = plan_runs(scale, variants, seeds, variant_budgets)
     trees = {r.name: run_tree(scale, inputs, r, out) for r in runs}
     models = check_runs(trees, scale.ranks)  # every config error before the first launch
     out.mkdir(parents=True, exist_ok=True)
@@ -396,7 +416,7 @@ def run_experiment(inputs: ExperimentInputs, scale_name: str, out: str | Path, v
             continue
         t0 = time.perf_counter()
         print(f"[{i}/{len(runs)}] {run.name}: {run.steps} steps ...", flush=True)
-        launch_run(tree, scale.ranks, run_dir / "launch.log")
+        launch_run(tree, scale.ranks, run_dir / "launch.log", f"[{i}/{len(runs)}] {run.name}:")
         res = {**collect_result(run_dir, run.steps), "config_digest": _digest(tree), "steps": run.steps,
                "seconds": round(time.perf_counter() - t0, 1)}
         write_json_atomic(marker, res)
@@ -406,7 +426,9 @@ def run_experiment(inputs: ExperimentInputs, scale_name: str, out: str | Path, v
               f"{ev['image']:.4f} in {res['seconds']:.0f} s (elapsed {(time.perf_counter() - start) / 60:.1f} min)",
               flush=True)
     analysis = analyse(results, runs, models, scale.seq_len)
-    meta = {"scale": scale_name, "seeds": seeds, "steps": scale.steps, "dense_multipliers": scale.dense_multipliers,
+    meta = {"scale": scale_name, "seeds": seeds, "steps": scale.steps,
+            "dense_multipliers": sorted({*scale.dense_multipliers, *variant_budgets}),
+            "variant_budgets": list(variant_budgets),
             "tokens_per_step": scale.seq_len * scale.micro_batch * scale.ranks, "eval_batches": scale.eval_batches,
             "scale_settings": dataclasses.asdict(scale), "command": command,
             "minutes": round((time.perf_counter() - start) / 60, 1)}
