@@ -59,7 +59,7 @@ def test_upcycled_model_has_the_1t1i_function(source: str, target: str) -> None:
     state = {k: v.detach().clone() for k, v in src.state_dict().items()}
     dst_cfg = upcycled_config(src_cfg, target)
     dst = build_model(dst_cfg, seed=4)
-    dst.load_state_dict(upcycle_state(state, src_cfg, dst_cfg), strict=True)
+    dst.load_state_dict(upcycle_state(state, dst_cfg), strict=True)
     ids = split_batch(320, 256, seed=0)
     src.train(), dst.train()
     with torch.no_grad():

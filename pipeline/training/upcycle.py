@@ -64,7 +64,7 @@ def upcycled_config(source: ModelConfig, target_ffn: str) -> ModelConfig:
     return dataclasses.replace(source, ffn=target_ffn, aux_routers=False)
 
 
-def upcycle_state(state: dict[str, torch.Tensor], source: ModelConfig, target: ModelConfig) -> dict[str, torch.Tensor]:
+def upcycle_state(state: dict[str, torch.Tensor], target: ModelConfig) -> dict[str, torch.Tensor]:
     """The target's tensors (global names) from the source's: FFN copies (w2 scaled), zero routers,
     the rest as is. The source's auxiliary routers are dropped: they predict 1t1i's (absent) choices."""
     out: dict[str, torch.Tensor] = {}
@@ -96,7 +96,7 @@ def upcycle(source: str | Path, target_ffn: str, out: str | Path) -> Path:
     state, client = consolidated_state(tag_dir)
     src_cfg = ModelConfig.from_json(client["model"])
     target = upcycled_config(src_cfg, target_ffn)
-    new_state = upcycle_state(state, src_cfg, target)
+    new_state = upcycle_state(state, target)
     out = Path(out)
     old_world = client["layout"]["world_size"]
     loaders = [st["loader"] for _, st in sorted(read_rank_states(tag_dir, old_world).items())]
