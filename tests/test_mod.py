@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
+import model_fixtures
 import pytest
 import torch
+from model_fixtures import mixed_ids
 
 from moma.pipeline.model.accounting import count
 from moma.pipeline.model.config import ModelConfig, preset
@@ -21,15 +23,7 @@ configure_accelerator()
 
 
 def small(ffn: str, **kw: object) -> ModelConfig:
-    return ModelConfig(vocab_size=300, image_offset=200, d_model=32, n_layers=4, n_heads=2, ffn_hidden=48, ffn=ffn,
-                       max_seq_len=64, **kw)
-
-
-def mixed_ids(b: int = 2, t: int = 24, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 200, (b, t), generator=g)
-    ids[:, 5:15] = torch.randint(200, 300, (b, 10), generator=g)
-    return ids
+    return model_fixtures.small(ffn, n_layers=4, **kw)  # MoD alternates: layers 0 and 2 of 4
 
 
 @pytest.mark.parametrize("ffn", ["dense_mod", "moma_4t4i_mod"])

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from model_fixtures import mixed_ids, small
 
 from moma.pipeline.model.accounting import count
 from moma.pipeline.model.config import FFN_VARIANTS, SIZES, ModelConfig, parse_ffn, preset
@@ -17,18 +18,6 @@ from moma.pipeline.training.engine import build_model, configure_accelerator
 from moma.pipeline.training.expert_layout import ParallelConfigError, check_parallel_layout
 
 configure_accelerator()
-
-
-def small(ffn: str = "moma_4t4i", **kw: object) -> ModelConfig:
-    return ModelConfig(vocab_size=300, image_offset=200, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48, ffn=ffn,
-                       max_seq_len=64, **kw)
-
-
-def mixed_ids(b: int = 2, t: int = 24, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 200, (b, t), generator=g)
-    ids[:, 5:15] = torch.randint(200, 300, (b, 10), generator=g)
-    return ids
 
 
 def naive_grouped_ffn(ffn: GroupedMoEFFN, x: torch.Tensor, is_image: torch.Tensor, cf: float) -> torch.Tensor:

@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+
+from moma.pipeline.launch import deepspeed_command, launcher_env
 
 VARIANTS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i", "moma_4t4i_mod")
 PAPER_VS_DENSE = {"moe_8x": -0.09, "moma_1t1i": -0.06, "moma_4t4i": -0.17, "moma_4t4i_mod": -0.31}
@@ -86,10 +86,8 @@ def tokens_per_s(preset: str, ffn: str, data: Path, steps: int, micro: int, out:
     }
     path = out / f"{preset}_{ffn}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    launcher = Path(sys.executable).parent / "deepspeed"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(launcher), "--num_gpus", "2", "--module", "moma.pipeline.cli", "train", str(path)],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(deepspeed_command(2, "train", str(path)), check=True, env=launcher_env(),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / f"{preset}_{ffn}" / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in rows if r.get("step", 0) > 2)
 

@@ -135,14 +135,20 @@ def _combine(x: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor, y:
 
 def _expert_ranking(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each expert's k best tokens by score: ([k, E] scores, [k, E] token indices). Ties go round
-    robin: expert e ranks tied tokens from position e·b/E on (a stable sort of rotated columns), so
-    identical experts with identical scores (an upcycled model's zero router) split the tokens
-    instead of all taking the same first k. Without ties this is topk."""
+    robin: expert e ranks tied tokens from position e·b/E on, so identical experts with identical
+    scores (an upcycled model's zero router) split the tokens instead of all taking the same first k.
+    Without ties this is topk. One topk over unique int64 keys — the score's order-preserving bits
+    above the rotated position — costs ~2x a plain topk on CPU (a stable sort of the columns: 4.5x)."""
     b, num_experts = scores.shape
     offsets = torch.arange(num_experts, device=scores.device) * b // num_experts
-    order = (torch.arange(b, device=scores.device).unsqueeze(1) + offsets) % b  # [b, E]
-    ranked, idx = scores.gather(0, order).sort(dim=0, descending=True, stable=True)
-    return ranked[:k], order.gather(0, idx[:k])
+    position = torch.arange(b, device=scores.device).unsqueeze(1)
+    order = (position + offsets) % b  # [b, E]: expert e's column, rotated by e·b/E
+    rotated = scores.float().gather(0, order) + 0.0  # + 0.0 turns -0.0 into +0.0: the same score
+    bits = rotated.view(torch.int32).long()
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # IEEE float order as integer order
+    top = ((key << 32) | (b - 1 - position)).topk(k, dim=0).values  # ties: the lower rotated position
+    picked = (b - 1) - (top & 0xFFFFFFFF)
+    return scores.gather(0, order.gather(0, picked)), order.gather(0, picked)
 
 
 def gumbel_sigmoid_scores(logits: torch.Tensor, scale: float, temperature: float) -> torch.Tensor:

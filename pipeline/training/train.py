@@ -102,9 +102,10 @@ class Progress:
     nonfinite_skipped: int = 0
 
 
-def setup_engine(cfg: TrainConfig) -> tuple[RunPlan, Any, Any, int]:
+def setup_engine(cfg: TrainConfig, resuming: bool = False) -> tuple[RunPlan, Any, Any, int]:
     """Plan (config errors surface here, before any process group), then process groups, the model
-    with this rank's experts, and the DeepSpeed engine: (plan, dist info, engine, ep rank)."""
+    with this rank's experts, and the DeepSpeed engine: (plan, dist info, engine, ep rank).
+    `resuming`: a checkpoint of the run's own will be loaded, so `init_from` is not read."""
     _, world_size, _ = launch_env()
     plan = plan_run(cfg, world_size)
     info = init_distributed()
@@ -114,7 +115,7 @@ def setup_engine(cfg: TrainConfig) -> tuple[RunPlan, Any, Any, int]:
                         dtype=torch.bfloat16 if precision(plan.ds_config) == "bf16" else torch.float32)
     if cfg.aux_routers_from:
         freeze_all_but_aux_routers(model, check_aux_source(cfg.aux_routers_from, plan.model), ep, ep_rank)
-    elif cfg.init_from:
+    elif cfg.init_from and not resuming:
         load_init_weights(model, Path(cfg.init_from), ep, ep_rank)
     engine = initialize_engine(model, plan.ds_config, cfg.optim.weight_decay, lr_lambda(cfg))
     return plan, info, engine, ep_rank
@@ -175,8 +176,9 @@ def init_loader_states(directory: Path) -> list[dict[str, Any]] | None:
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> int:
-    plan, info, engine, ep_rank = setup_engine(cfg)
     run_dir, ckpt_dir = Path(cfg.run_dir), cfg.checkpoint_dir
+    found = find_checkpoint(resume, ckpt_dir)
+    plan, info, engine, ep_rank = setup_engine(cfg, resuming=found is not None)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -184,7 +186,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> int:
         write_json_atomic(run_dir / "model.json", plan.model.to_json())
 
     progress, loader_state = Progress(), None
-    found = find_checkpoint(resume, ckpt_dir)
     if found is not None:
         progress, loader_state = resume_from(engine, plan, found, ep_rank, info.rank)
     elif cfg.init_from:
