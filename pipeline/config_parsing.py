@@ -64,6 +64,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: expected null, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -12,7 +12,7 @@ from model_fixtures import mixed_ids, small
 from moma.pipeline.model.accounting import count
 from moma.pipeline.model.config import FFN_VARIANTS, SIZES, ModelConfig, parse_ffn, preset
 from moma.pipeline.model.ffn import GroupedMoEFFN
-from moma.pipeline.model.routing import ExpertChoiceGate, TokenChoiceGate
+from moma.pipeline.model.deepspeed_gates import ExpertChoiceGate, TokenChoiceGate
 from moma.pipeline.model.transformer import IGNORE_INDEX, Transformer
 from moma.pipeline.training.engine import build_model, configure_accelerator
 from moma.pipeline.training.expert_layout import ParallelConfigError, check_parallel_layout
@@ -83,7 +83,8 @@ def test_token_choice_routing(score: str, k: int) -> None:
     x = torch.randn(40, 16)
     member = (torch.arange(40) % 2).float()
     l_aux, capacity, _, indices, locations, gates, counts = gate(x, member)
-    assert indices.shape == (k, 40)
+    assert indices.shape == (4, 40)  # one route per expert (route j is expert j), as expert choice's
+    assert ((indices >= 0).sum(0) <= k).all()  # a token keeps at most its k choices
     assert (indices[:, member == 0] == -1).all()
     assert capacity == math.ceil(20 * k / 4)
     for j in range(4):  # slots unique and within capacity
@@ -199,8 +200,8 @@ def test_ranking_is_by_logit_so_saturated_gates_do_not_tie() -> None:
     x = torch.tensor([[40.0], [50.0], [-3.0]])
     assert torch.sigmoid(x[0]) == torch.sigmoid(x[1])
     expert = torch.nn.ModuleList([torch.nn.Identity()])
-    _, done = expert_choice(x, router, expert, [3], 0, capacity_factor=1 / 3)  # k = 1
-    assert done["token_index"].tolist() == [1]
+    _, sel, _ = expert_choice(x, router, expert, [3], 0, capacity_factor=1 / 3)  # k = 1
+    assert sel.token_index.tolist() == [1]
 
 
 def test_layout_checks_refuse_before_launch() -> None:

@@ -24,7 +24,7 @@ from launch_fixtures import REPO, cpu_env, run_deepspeed
 from training_fixtures import make_training_data, run_config, write_config
 
 from moma.pipeline.model.config import preset
-from moma.pipeline.model.moe import _expert_ranking
+from moma.pipeline.model.routing import _expert_ranking
 from moma.pipeline.training.config import load_config
 from moma.pipeline.training.engine import build_model
 from moma.pipeline.training.export import export_checkpoint, load_exported

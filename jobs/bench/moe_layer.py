@@ -113,7 +113,7 @@ def _ep2_rank(rank: int, port: int, args: argparse.Namespace, results: Any) -> N
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from moma.pipeline.model.moe import ec_capacity, routing_info
+    from moma.pipeline.model.routing import ec_capacity, routing_info
 
     d, h, n = args.d_model, args.hidden, args.tokens
     torch.manual_seed(0)

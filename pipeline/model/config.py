@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+import typing
+from typing import Any, Literal
 
 FFN_PATTERN = re.compile(r"^(dense|moe_(?P<n>\d+)x|moma_(?P<t>\d+)t(?P<i>\d+)i)(?P<mod>_mod)?$")
-ROUTERS = ("expert_choice", "token_choice")
+Router = Literal["expert_choice", "token_choice"]
+RouterRank = Literal["sigmoid", "softmax"]  # routing.py
+RouterAssign = Literal["topk", "balanced"]  # routing.py
+BlockNorm = Literal["pre", "swin"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +69,18 @@ class ModelConfig:
     n_heads: int = 4
     ffn_hidden: int = 512  # SwiGLU hidden size of the dense FFN and of each expert
     ffn: str = "moma_4t4i"
-    router: str = "expert_choice"  # learned routing inside a group: expert_choice | token_choice
+    router: Router = "expert_choice"  # learned routing inside a group
+    # expert choice (routing.py): how an expert ranks its group's tokens — sigmoid: its own logit (the
+    # paper); softmax: the softmax over the group's experts (Zhou et al.) — and how slots are filled —
+    # topk: each expert its k best (the paper); balanced: every token once (capacity_factor >= 1)
+    router_rank: RouterRank = "sigmoid"
+    router_assign: RouterAssign = "topk"
     capacity_factor: float = 1.0  # EC: expert takes ceil(b_M * cf / |E_M|) tokens; TC: slots per expert
     token_choice_k: int = 1
-    token_choice_score: str = "softmax"  # softmax | sigmoid
+    token_choice_score: Literal["softmax", "sigmoid"] = "softmax"
+    # pre: x + f(norm(x)) (pre-norm); swin: x + norm(f(x)) for attention and FFN/MoMa (Chameleon-7B's
+    # and the paper's Swin-style normalisation: raw gates and two-expert sums never reach the residual)
+    block_norm: BlockNorm = "pre"
     aux_loss_weight: float = 0.01  # token choice's load-balancing loss; expert choice has none
     z_loss_weight: float = 1e-5  # PaLM's z-loss on the output logits; 0 disables it
     qk_norm: bool = True
@@ -78,7 +90,8 @@ class ModelConfig:
     init_std: float = 0.02
     pad_vocab_multiple: int = 64  # embedding/output rows padded for efficient matmuls
     pad_id: int | None = None  # the vocabulary's <|pad|>: routed to no expert (set from the tokenizers)
-    moe_dispatch: str = "moma"  # moma: exact work (moe.py) | deepspeed: DeepSpeed's MOELayer (the reference)
+    # moma: exact work (moe.py) | deepspeed: DeepSpeed's MOELayer (the reference, deepspeed_gates.py)
+    moe_dispatch: Literal["moma", "deepspeed"] = "moma"
     aux_routers: bool = False  # the auxiliary routers of causal inference (MoMa §2.4), one per MoE layer and group
     mod_capacity: float = 0.25  # "_mod" variants: share of each sequence's tokens a MoD layer keeps
     # Gumbel-sigmoid noise on the expert-choice router logits while training (the paper's, after
@@ -93,16 +106,15 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head dimension must be even (RoPE rotates pairs)")
-        if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
-        if self.token_choice_score not in ("softmax", "sigmoid"):
-            raise ValueError(f"token_choice_score must be softmax or sigmoid, got {self.token_choice_score!r}")
+        hints = typing.get_type_hints(ModelConfig)
+        for f in dataclasses.fields(self):  # choices, also when built in code rather than parsed
+            allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}; got {getattr(self, f.name)!r}")
         if spec.learned_routing and self.router == "token_choice":
             smallest = min(n for _, n in spec.groups)
             if not 1 <= self.token_choice_k <= smallest:
                 raise ValueError(f"token_choice_k {self.token_choice_k} must be in [1, {smallest}] for {self.ffn}")
-        if self.moe_dispatch not in ("moma", "deepspeed"):
-            raise ValueError(f"moe_dispatch must be moma or deepspeed, got {self.moe_dispatch!r}")
         if self.n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, got {self.n_layers}"
                              + (" (a _mod variant needs at least one mixture-of-depths layer)" if spec.mod else ""))

@@ -20,21 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
-from moma.pipeline.model.moe import (
+from moma.pipeline.model.deepspeed_gates import ExpertChoiceGate, TokenChoiceGate
+from moma.pipeline.model.moe import causal_choice, expert_choice, token_choice
+from moma.pipeline.model.routing import (
     AuxRouter,
     Exchange,
     RoutingInfo,
     aux_router_stats,
-    causal_choice,
     ec_capacity,
-    expert_choice,
     routing_info,
-    routing_stats,
-    selection_mask,
+    selection_stats,
     tc_capacity,
-    token_choice,
 )
-from moma.pipeline.model.routing import ExpertChoiceGate, TokenChoiceGate
 
 
 class SwiGLU(nn.Module):
@@ -79,7 +76,8 @@ def build_moe(cfg: ModelConfig, num_experts: int, ep_size: int) -> nn.Module:
     moe = MoE(hidden_size=cfg.d_model, expert=SwiGLU(cfg.d_model, cfg.ffn_hidden), num_experts=num_experts,
               ep_size=ep_size, k=1, min_capacity=0, use_rts=False)
     if cfg.router == "expert_choice":
-        gate: nn.Module = ExpertChoiceGate(cfg.d_model, num_experts, cfg.capacity_factor)
+        gate: nn.Module = ExpertChoiceGate(cfg.d_model, num_experts, cfg.capacity_factor, cfg.router_rank,
+                                           cfg.router_assign)
     else:
         gate = TokenChoiceGate(cfg.d_model, num_experts, cfg.capacity_factor, cfg.token_choice_k,
                                cfg.token_choice_score)
@@ -143,30 +141,24 @@ class GroupedMoEFFN(nn.Module):
             if self.cfg.router == "expert_choice":
                 noise = (self.cfg.router_noise, self.cfg.router_noise_temperature) \
                     if self.training and self.cfg.router_noise > 0 else None
-                y, done = expert_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
-                                        self.cfg.capacity_factor, self.exchange, noise)
-                picks = None
+                y, sel, rows = expert_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
+                                             self.cfg.capacity_factor, self.exchange, noise, self.cfg.router_rank,
+                                             self.cfg.router_assign)
             else:
-                y, l_aux, done = token_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
-                                              self.cfg.capacity_factor, self.cfg.token_choice_k,
-                                              self.cfg.token_choice_score, self.exchange)
-                aux = aux + l_aux
-                picks = done["kept"]
+                y, sel, rows = token_choice(xs, gate.wg, experts, routing.counts[name], routing.ep_rank,
+                                            self.cfg.capacity_factor, self.cfg.token_choice_k,
+                                            self.cfg.token_choice_score, self.exchange)
+                aux = aux + sel.aux_loss
             out = out.index_copy(0, idx, y)
-            self.last_rows[name] = done["rows"]
+            self.last_rows[name] = rows
             if routing.aux_targets:  # fit this group's auxiliary router to expert choice's selections
                 logits = self.causal_routers[name](xs.detach())
-                target = selection_mask(done["token_index"], xs.shape[0], gate.wg.out_features)
+                target = sel.mask()
                 aux_router_loss = aux_router_loss + F.binary_cross_entropy_with_logits(logits, target)
                 if routing.collect_stats:
                     self.aux_router_stats[name] = aux_router_stats(logits, target)
             if routing.collect_stats:
-                with torch.no_grad():
-                    if picks is None:
-                        picks = torch.zeros(xs.shape[0], dtype=torch.long, device=x.device).index_add_(
-                            0, done["token_index"], torch.ones_like(done["token_index"]))
-                    per_expert = torch.full((gate.wg.out_features,), done["slots"][routing.ep_rank])
-                    gate.last_stats = routing_stats(done["logits"], picks, per_expert)
+                gate.last_stats = selection_stats(sel)
         self.aux_loss = aux
         self.aux_router_loss = aux_router_loss
         return out.view_as(x)

@@ -1,6 +1,7 @@
 """Chameleon-style early-fusion decoder over one token stream of text BPE and image VQ codes.
 
-Pre-norm blocks: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h), modality). Attention is shared
+Blocks: pre-norm, x + Attention(RMSNorm(x)) then h + FFN(RMSNorm(h), modality), or (`block_norm:
+swin`, Chameleon-7B's and the MoMa paper's) x + RMSNorm(Attention(x)) then h + RMSNorm(FFN(h)). Attention is shared
 by both modalities (RoPE, QK-norm, causal SDPA); only the FFN differs between the variants
 (ffn.py). A token's modality is a function of its id (id >= image_offset), so the batch carries
 nothing else. The model knows no process groups and no expert placement: `ep_size` only sets how
@@ -21,7 +22,7 @@ from torch import nn
 
 from moma.pipeline.model.config import ModelConfig
 from moma.pipeline.model.ffn import GroupedMoEFFN, build_ffn
-from moma.pipeline.model.moe import AuxRouter, RoutingInfo, aux_router_stats, routing_info, routing_subset
+from moma.pipeline.model.routing import AuxRouter, RoutingInfo, aux_router_stats, routing_info, routing_subset
 from moma.tokenizers.vocab import IGNORE_INDEX
 
 
@@ -130,8 +131,8 @@ class KVCache:
 
 
 class Block(nn.Module):
-    """Pre-norm attention + FFN. A mixture-of-depths layer (MoD, "_mod" variants, alternating layers
-    from 0) runs the block on the top mod_capacity of each sequence's tokens by a router over all its
+    """Attention + FFN, pre-norm or Swin-style post-norm (`cfg.block_norm`). A mixture-of-depths
+    layer (MoD, "_mod" variants, alternating layers from 0) runs the block on the top mod_capacity of each sequence's tokens by a router over all its
     tokens (before the modality split); the others skip it on the residual stream, and a kept token's
     block output is scaled by its router weight sigmoid(logit), which trains the router."""
 
@@ -141,6 +142,7 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg, ep_size)
+        self.swin = cfg.block_norm == "swin"
         self.mod_router = nn.Linear(cfg.d_model, 1, bias=False) if cfg.is_mod_layer(index) else None
         self.mod_capacity = cfg.mod_capacity
         self.last_kept: torch.Tensor | None = None  # MoD: the positions kept in the last forward
@@ -154,6 +156,9 @@ class Block(nn.Module):
     def _block(self, x: torch.Tensor, is_image: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                routing: RoutingInfo | None, cache: LayerCache | None, positions: torch.Tensor | None = None,
                keys: torch.Tensor | None = None) -> torch.Tensor:
+        if self.swin:  # the norms on the outputs: raw gates and two-expert sums never reach the residual
+            h = x + self.attention_norm(self.attention(x, cos, sin, cache, positions, keys))
+            return h + self.ffn_norm(self.ffn(h, is_image, routing))
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, positions, keys)
         return h + self.ffn(self.ffn_norm(h), is_image, routing)
 
