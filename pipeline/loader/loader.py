@@ -33,7 +33,7 @@ import torch
 from braceexpand import braceexpand
 
 from moma.pipeline.errors import MomaError
-from moma.pipeline.loader.epoch_plan import SourceShards
+from moma.pipeline.loader.epoch_plan import Shape, SourceShards, upgrade_v2
 from moma.pipeline.loader.stream import (
     Stream,
     StreamConfig,
@@ -46,7 +46,7 @@ from moma.pipeline.shards.manifest import Manifest
 from moma.tokenizers.vocab import Vocab
 
 log = logging.getLogger("moma.loader")
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: re-split pieces count the documents `left`; 2 (until an epoch) is upgraded on load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +265,7 @@ class PackedLoader:
 
     def _restore(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """One rank's saved state (same layout), or all ranks' states (any layout: re-split)."""
-        states = state if isinstance(state, list) else [state]
+        states = [self._upgrade(st) for st in (state if isinstance(state, list) else [state])]
         for st in states:
             if st.get("version") != STATE_VERSION:
                 raise ValueError(f"loader state version {st.get('version')} != {STATE_VERSION}: it was written by "
@@ -292,13 +292,27 @@ class PackedLoader:
             by_stream.update({int(k): v for k, v in st["streams"].items()})
         old = [by_stream.get(s) or fresh_state(len(self.plans), s, old_streams, states[0]["batch_size"])
                for s in range(old_streams)]
-        new = resplit_states(old, self.streams, self.batch_size)
+        new = resplit_states(old, self.streams, self.batch_size, self.shapes)
         if self.rank == 0:  # skipped-data counters live on
             new[0]["bad"] = dict(sum((Counter(o.get("bad", {})) for o in old), Counter()))
         self.consumed = 0
         self.stream_states = {s: new[s] for s in range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)}
         log.info("loader re-split: %d streams (%d ranks x %d) -> %d streams", old_streams, old_world, old_per_rank,
                  self.streams)
+
+
+    @property
+    def shapes(self) -> list[Shape]:
+        return [Shape(plan.total, self.cfg.open_shards, self.cfg.shuffle_buffer) for plan in self.plans]
+
+    def _upgrade(self, st: dict[str, Any]) -> dict[str, Any]:
+        """A state of loader version 2 read as this version's (its cursors alone changed)."""
+        if st.get("version") != 2 or [d for _, d, _ in st.get("sources", [])] != [p.digest for p in self.plans] or \
+                st.get("open_shards") != self.cfg.open_shards or st.get("shuffle_buffer") != self.cfg.shuffle_buffer:
+            return st  # any other mismatch is refused, naming it, by _restore
+        streams = {k: {**v, "cursors": [upgrade_v2(cs, shape) for cs, shape in zip(v["cursors"], self.shapes)]}
+                   for k, v in st["streams"].items()}
+        return {**st, "version": STATE_VERSION, "streams": streams}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:

@@ -10,13 +10,15 @@ continues in that row's next window; with keep_images_whole, a cut that would fa
 <|boi|> ... <|eoi|> span moves the span to the next window and pads (a span longer than a window is
 cut anyway). input_ids = window[:-1], labels = window[1:], pad labels = -100.
 
-State (a few hundred bytes, whatever the data): per source its cursors (epoch_plan.Cursor), the
-coin's generator state, and per packer the pieces of documents it still holds as references
-(source, shard, document, first token, end token) — never the tokens themselves.
+State (a few hundred bytes, whatever the data): per source its cursors (epoch_plan.Cursor: re-split
+pieces, then the stream's own), the coin's generator state, and per packer the pieces of documents
+it still holds as references (source, shard, document, first token, end token) — never the tokens
+themselves.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moma.pipeline.loader.epoch_plan import OPEN, Cursor, EpochLayout, SourceShards, resplit_cursors
+from moma.pipeline.loader.epoch_plan import OPEN, Cursor, EpochLayout, Shape, SourceShards, resplit_cursors
 from moma.pipeline.loader.shard_reader import SegmentReader, ShardDataError
 from moma.tokenizers.vocab import IGNORE_INDEX
 
@@ -79,8 +81,8 @@ class StreamConfig:
 
 
 class SourceDocuments:
-    """Endless documents of one source for one stream: its re-split cursors first, then its own,
-    epoch after epoch, a shuffle block at a time."""
+    """Endless documents of one source for one stream: its re-split pieces first, then its own
+    cursor, epoch after epoch, a shuffle block at a time."""
 
     def __init__(self, src: StreamInput, index: int, cfg: StreamConfig, cursors: list[Cursor], bad: Counter,
                  readers: ShardReaders) -> None:
@@ -88,9 +90,11 @@ class SourceDocuments:
         self.cursors = cursors
         self.bad = bad
         self.readers = readers
+        self.shape = Shape(src.shards.total, cfg.lanes, cfg.block_size)
         self._layouts: dict[int, EpochLayout] = {}
         self._block: list[tuple[Ref, tuple[str, np.ndarray]] | None] = []
-        self._block_id: tuple | None = None
+        self._block_id: tuple = ()  # (S, s, epoch, block) of the documents in _block
+        self._span = (0, 0)  # the offsets within that block that _block holds
 
     def _layout(self, epoch: int) -> EpochLayout:
         if epoch not in self._layouts:
@@ -99,19 +103,25 @@ class SourceDocuments:
             self._layouts[epoch] = EpochLayout(self.src.shards, self.cfg.seed, self.index, epoch)
         return self._layouts[epoch]
 
-    def _load_block(self, c: Cursor) -> None:
-        """Read the cursor's block: each lane's next documents, in sequence from its shards; then
-        keep them in the block's shuffled order."""
+    def _load_block(self, c: Cursor, size: int) -> None:
+        """Read what the cursor will emit of its block (from its offset to the block's end, or to
+        the piece's end): each lane's documents in sequence from its shards, kept in the block's
+        shuffled order."""
         layout = self._layout(c.epoch)
         positions = c.block_positions(layout.total, self.cfg.lanes, self.cfg.block_size, self.cfg.seed, self.index)
+        end = size if c.left == OPEN else min(size, c.offset + c.left)
+        wanted = positions[c.offset:end]
+        lane_starts = [a for a, _ in c.lanes_of(layout.total, self.cfg.lanes)]
         got: dict[int, tuple[Ref, tuple[str, np.ndarray]] | None] = {}
-        for lane, (lo, hi) in enumerate(_runs_of(sorted(positions))):  # a lane's documents are consecutive
+        for lo, hi in _runs_of(sorted(wanted)):  # a lane's documents are consecutive: it reads forward
+            lane = bisect.bisect_right(lane_starts, lo) - 1
             pos = lo
-            for shard, first, end in layout.runs(lo, hi):
-                for i, item in enumerate(self.readers.read(("lane", lane), self.index, shard, first, end - first)):
+            for shard, first, last in layout.runs(lo, hi):
+                for i, item in enumerate(self.readers.read(("lane", lane), self.index, shard, first, last - first)):
                     got[pos] = None if item is None else ((self.index, shard, first + i), item)
                     pos += 1
-        self._block = [got[p] for p in positions]
+        self._block = [got[p] for p in wanted]
+        self._block_id, self._span = (c.streams, c.stream, c.epoch, c.block), (c.offset, end)
 
     def next_document(self) -> tuple[Ref, tuple[str, np.ndarray], int]:
         """The next readable document: its reference, (key, tokens), and the epoch it belongs to."""
@@ -120,26 +130,27 @@ class SourceDocuments:
             c = next((c for c in self.cursors if not c.finished), None)
             if c is None:  # cannot happen: the stream's own cursor is open-ended
                 raise RuntimeError("no open cursor")
-            block_id = (id(c), c.epoch, c.block)
-            if self._block_id != block_id:
-                total = self._layout(c.epoch).total
-                if c.block >= c.blocks(total, self.cfg.lanes, self.cfg.block_size):
-                    c.epoch, c.block, c.offset = c.epoch + 1, 0, 0  # this share of the epoch is done
-                    if c.until == OPEN:
-                        empty_epochs += 1
-                        if empty_epochs > 2:  # whole epochs without one readable document: do not spin
-                            raise ShardDataError(f"source {self.index} gave stream {c.stream} of {c.streams} no "
-                                                 f"readable document in {empty_epochs} epochs (bad data so far: "
-                                                 f"{dict(self.bad)})")
-                    continue
-                self._load_block(c)
-                self._block_id = block_id
-            if c.offset >= len(self._block):
-                c.block += 1
-                c.offset = 0
+            size = c.block_len(self.shape)
+            if size == 0:  # past the share's last block
+                if c.left != OPEN:  # a piece ends inside its share
+                    raise RuntimeError(f"re-split piece {c.to_json()} runs past its share")
+                c.epoch, c.block, c.offset = c.epoch + 1, 0, 0  # this share of the epoch is done
+                empty_epochs += 1
+                if empty_epochs > 2:  # whole epochs without one readable document: do not spin
+                    raise ShardDataError(f"source {self.index} gave stream {c.stream} of {c.streams} no "
+                                         f"readable document in {empty_epochs} epochs (bad data so far: "
+                                         f"{dict(self.bad)})")
                 continue
-            item = self._block[c.offset]
+            if c.offset >= size:
+                c.block, c.offset = c.block + 1, 0
+                continue
+            if self._block_id != (c.streams, c.stream, c.epoch, c.block) or \
+                    not self._span[0] <= c.offset < self._span[1]:
+                self._load_block(c, size)
+            item = self._block[c.offset - self._span[0]]
             c.offset += 1
+            if c.left != OPEN:
+                c.left -= 1
             if item is not None:
                 return item[0], item[1], c.epoch
 
@@ -316,15 +327,18 @@ def reading_epoch(state: dict[str, Any], epoch: int, source: int = 0) -> bool:
     return any(not c.finished and c.epoch <= epoch for c in map(Cursor.from_json, state["cursors"][source]))
 
 
-def resplit_states(old: list[dict[str, Any]], new_streams: int, batch_size: int) -> list[dict[str, Any]]:
-    """The states of all old streams (in stream order) -> states of `new_streams` streams: every
-    unfinished cursor continued by one new stream (epoch_plan.resplit_cursors), every token a packer
-    still held dealt to one new packer, a fresh mixing coin (generation + 1)."""
+def resplit_states(old: list[dict[str, Any]], new_streams: int, batch_size: int, shapes: list[Shape]
+                   ) -> list[dict[str, Any]]:
+    """The states of all old streams (in stream order) -> states of `new_streams` streams: the
+    unread rest of every unfinished epoch of each source shared evenly (epoch_plan.resplit_cursors;
+    `shapes`: each source's), every token a packer still held dealt to one new packer, a fresh
+    mixing coin (generation + 1)."""
     generation = max((int(st.get("generation", 0)) for st in old), default=0) + 1
     new = [{"cursors": [], "packers": [[] for _ in range(batch_size)], "generation": generation, "windows": 0,
             "bad": {}} for _ in range(new_streams)]
-    for m in range(len(old[0]["cursors"])):
-        per_stream = resplit_cursors([[Cursor.from_json(c) for c in st["cursors"][m]] for st in old], new_streams)
+    for m, shape in enumerate(shapes):
+        per_stream = resplit_cursors([[Cursor.from_json(c) for c in st["cursors"][m]] for st in old], new_streams,
+                                     shape)
         for s, cursors in enumerate(per_stream):
             new[s]["cursors"].append([c.to_json() for c in cursors])
     held = [pieces for st in old for pieces in st["packers"] if pieces]
