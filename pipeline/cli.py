@@ -223,7 +223,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 def _shards_commands(sub: argparse._SubParsersAction) -> None:
     from moma.pipeline.shards.build_config import BuildConfig
 
-    shards = sub.add_parser("shards", help="build WebDataset shards of token documents, merge, inspect")
+    shards = sub.add_parser("shards", help="build WebDataset shards of token documents, merge, inspect, verify")
     ssub = shards.add_subparsers(dest="shards_cmd", required=True, metavar="COMMAND")
     p = ssub.add_parser("build", help="sources -> tokenized documents -> tars + manifest (parallel, resumable)")
     p.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
@@ -239,7 +239,9 @@ def _shards_commands(sub: argparse._SubParsersAction) -> None:
 
     p = ssub.add_parser("merge", help="after all partitions (e.g. a SLURM array) finished: number and index them")
     p.add_argument("out")
-    p.add_argument("--max-reject-fraction", type=float, default=None)
+    p.add_argument("--max-reject-fraction", type=float, default=BuildConfig.max_reject_fraction,
+                   help="fail (no manifest) when more than this fraction of the inputs was rejected; 1 accepts any "
+                        "(default: %(default)s)")
     p.set_defaults(func=_cmd_shards_merge)
 
     p = ssub.add_parser("inspect", help="totals, per-shard stats, sample documents decoded (PNG)")
@@ -249,6 +251,12 @@ def _shards_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-tokenizer", default=None, help="default: the path recorded at build time")
     p.add_argument("--image-tokenizer", default=None)
     p.set_defaults(func=_cmd_shards_inspect)
+
+    p = ssub.add_parser("verify", help="check every shard's size and sha256 against manifest.json (parallel); "
+                                       "exit 1 naming each bad or missing shard")
+    p.add_argument("dir")
+    p.add_argument("--workers", type=int, default=None, help="hashing processes (default: one per CPU)")
+    p.set_defaults(func=_cmd_shards_verify)
 
 
 def _cmd_shards_build(args: argparse.Namespace) -> int:
@@ -269,6 +277,16 @@ def _cmd_shards_merge(args: argparse.Namespace) -> int:
     m = merge(args.out, max_reject_fraction=args.max_reject_fraction)
     print(f"merged {len(m.shards)} shards, {m.totals['docs']} docs -> {args.out}")
     return 0
+
+
+def _cmd_shards_verify(args: argparse.Namespace) -> int:
+    from moma.pipeline.shards.verify import verify
+
+    result = verify(args.dir, workers=args.workers)
+    for check in result.bad:
+        print(check.line())
+    print(result.summary())
+    return 1 if result.bad else 0
 
 
 def _cmd_shards_inspect(args: argparse.Namespace) -> int:

@@ -225,7 +225,8 @@ def test_consumer_with_other_tokenizers_is_refused(built: Path, toks: tuple[Path
 def test_bad_input_corpus(tmp_path: Path, toks: tuple[Path, Path]) -> None:
     bad = write_bad_corpus(tmp_path / "bad")
     out = tmp_path / "shards"
-    manifest = build(config(bad["sources"], out, toks), workers=1, progress=False)
+    # more than half of this corpus is bad on purpose: accepted explicitly (the default, 0.5, would refuse it)
+    manifest = build(config(bad["sources"], out, toks, max_reject_fraction=1.0), workers=1, progress=False)
     t = manifest.totals
     assert t["rejects_by_reason"] == dict(sorted(bad["rejects"].items()))
     assert t["docs"] == bad["good"] and t["inputs"] == t["docs"] + t["rejected"]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from moma.pipeline.documents import Record
+from moma.pipeline.documents import Record, escape_id, safe_text
 
 JSON_CHUNK = 4096  # records of a JSON list per unit
 
@@ -40,8 +40,9 @@ class ReaderOptions:
     text_field: str = _opt("text", "JSONL text-only sources: the text field")
     mmc4_images: str | None = _opt(None, "MMC4 image folder (default: beside each JSONL)", path=True)
     units_per_file: int = _opt(0, "text files: 0 = one document per file", cli=False)
-    max_record_bytes: int = _opt(64 << 20, "a text file, .gz member, JSONL line or tar member larger than this is "
-                                           "rejected as too_large without being read whole")
+    max_record_bytes: int = _opt(64 << 20, "a record larger than this (a text file, .gz member, JSONL line, tar "
+                                           "member, caption sidecar, image file or cell) is rejected as too_large "
+                                           "without being read whole")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -50,26 +51,32 @@ class ReaderOptions:
 class Reader:
     """Base class: `kind`, the source `spec` as given, its index among the build's sources.
 
-    Record ids are relative to the source's root (`rel`): `a/part.txt` and `b/part.txt` of one
-    source are two records, and an id does not change when other files are added. Together with
-    the source's position (documents.document_key) that makes keys unique and stable, so what is
-    written does not depend on how the units fall into partitions."""
+    Record ids are relative to the source's root (`rel`) as the user sees it: `a/part.txt` and
+    `b/part.txt` of one source are two records, also when they are symlinks to files elsewhere (a
+    link's id is its own path, never its target's), and an id does not change when other files are
+    added. Together with the source's position (documents.document_key) that makes keys unique and
+    stable, so what is written does not depend on how the units fall into partitions.
+
+    `path` is made absolute once, here (not resolved: symlinks stay as given): units name absolute
+    files, so a relative source and its absolute spelling read the same files, from any working
+    directory, and relative image references resolve against a file's real folder."""
 
     kind = ""
 
     def __init__(self, path: str, options: ReaderOptions, source_index: int) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)
         self.options = options
         self.source_index = source_index
-        self.name = f"{self.kind}:{path}"
-        self.root = source_root(path)
+        self.name = safe_text(f"{self.kind}:{self.path}")
+        self.root = source_root(self.path)
 
     def rel(self, path: str | Path) -> str:
-        """A file's id within this source: its path relative to the source root."""
-        try:
-            return Path(path).resolve().relative_to(self.root).as_posix()
-        except ValueError:
-            return Path(path).name
+        """A file's id within this source: its path relative to the source root as given (a
+        symlink keeps its own path), escaped when the name is not UTF-8 (documents.escape_id)."""
+        rel = os.path.relpath(os.path.abspath(path), self.root)
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):  # not under the root (cannot happen for units)
+            rel = Path(path).name
+        return escape_id(Path(rel).as_posix())
 
     def unit_id(self, unit: Any) -> str:
         """A unit's name in a reject (a file, file#row-group, first..last file of a batch)."""
@@ -77,7 +84,8 @@ class Reader:
             return self.rel(unit)
         if isinstance(unit, (tuple, list)) and unit and all(isinstance(u, str) for u in unit) and \
                 not Path(unit[0]).is_absolute():
-            return unit[0] if len(unit) == 1 else f"{unit[0]}..{unit[-1]}"
+            first, last = escape_id(unit[0]), escape_id(unit[-1])
+            return first if len(unit) == 1 else f"{first}..{last}"
         if isinstance(unit, tuple) and unit and isinstance(unit[0], str):
             rest = [str(u) for u in unit[1:] if u is not None and u != -1]
             return self.rel(unit[0]) + (f"#{':'.join(rest)}" if rest else "")
@@ -89,21 +97,27 @@ class Reader:
     def read(self, unit: Any) -> Iterator[Record]:
         raise NotImplementedError
 
+    def unit_records(self, unit: Any) -> int | None:
+        """How many records `unit` holds, when that is known without reading them (a row group's
+        row count, a JSON slice's length): a unit that cannot be read is counted as that many
+        rejects, so inputs = written + rejected always. None: unknown (counted as one)."""
+        return None
+
 
 def source_root(spec: str) -> Path:
     """The folder record ids are relative to: the directory given, a file's folder, or a glob's
-    longest non-wildcard prefix."""
-    path = Path(spec)
+    longest non-wildcard prefix; absolute, symlinks not resolved (ids are paths as the user sees them)."""
+    path = Path(os.path.abspath(spec))
     if path.is_dir():
-        return path.resolve()
+        return path
     if glob.has_magic(spec):
         parts = []
         for part in path.parts:
             if glob.has_magic(part):
                 break
             parts.append(part)
-        return Path(*parts).resolve() if parts else Path.cwd()
-    return path.resolve().parent
+        return Path(*parts)
+    return path.parent
 
 
 class TooLarge(Exception):
@@ -119,6 +133,31 @@ def read_limited(f: BinaryIO, limit: int) -> bytes:
     if len(data) > limit:
         raise TooLarge(limit)
     return data
+
+
+def read_file_limited(path: Path, limit: int) -> bytes:
+    """A small file (a caption sidecar) whole, or TooLarge without reading past the limit."""
+    with open(path, "rb") as f:
+        return read_limited(f, limit)
+
+
+def check_size(path: Path, limit: int) -> None:
+    """TooLarge for a file (an image the tokenizer will read) over the limit: one stat, no read."""
+    if os.stat(path).st_size > limit:
+        raise TooLarge(limit)
+
+
+class BadJson(ValueError):
+    """A record that is not JSON a reader can use (invalid, not UTF-8, or nested too deep)."""
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """json.loads of one record, every way it can fail as BadJson: valid JSON nested 50,000 deep
+    raises RecursionError, which is no ValueError and took the rest of the file with it."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadJson(f"{type(e).__name__}: {e}" if isinstance(e, RecursionError) else str(e)) from None
 
 
 def lines_limited(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -139,7 +178,8 @@ def lines_limited(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]
 
 
 def expand_paths(spec: str, suffixes: Sequence[str], what: str) -> list[Path]:
-    """A file, a directory (recursive, by suffix) or a glob -> sorted files; none is an error."""
+    """A file, a directory (recursive, by suffix) or a glob -> sorted absolute files; none is an error."""
+    spec = os.path.abspath(spec)
     path = Path(spec)
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
@@ -161,7 +201,9 @@ def load_json(path: str, mtime: float) -> Any:
         with open(path, "rb") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{safe_text(path)}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{safe_text(path)}: JSON nested too deep to parse") from None
 
 
 def cached_json(path: Path) -> Any:

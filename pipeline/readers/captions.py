@@ -6,15 +6,25 @@ Each record becomes one caption pair, [image, text] or [text, image] (ReaderOpti
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moma.pipeline.documents import Document, ImageSegment, Record, Reject, caption_pair, clean_caption
-from moma.pipeline.readers.base import Reader, TooLarge, cached_json, chunked_units, expand_paths, register
+from moma.pipeline.documents import Document, ImageSegment, Record, Reject, caption_pair, clean_caption, escape_id
+from moma.pipeline.readers.base import (
+    BadJson,
+    Reader,
+    TooLarge,
+    cached_json,
+    check_size,
+    chunked_units,
+    expand_paths,
+    parse_json,
+    read_file_limited,
+    register,
+)
 from moma.pipeline.shards.tar_reader import TOO_LARGE, TarFormatError, tar_samples
 from moma.tokenizers.image_preprocess import IMAGE_SUFFIXES
 
@@ -47,7 +57,7 @@ class CocoReader(Reader):
 
     def image_dir(self, json_path: Path) -> Path:
         if self.options.coco_images:
-            return Path(self.options.coco_images)
+            return Path(os.path.abspath(self.options.coco_images))
         split = json_path.stem.removeprefix("captions_").split("_")[0]  # captions_val2017.json -> val2017
         for candidate in (json_path.parent / "images", json_path.parent.parent / "images",
                           json_path.parent.parent / split, json_path.parent / split):
@@ -60,32 +70,62 @@ class CocoReader(Reader):
         captions, images_by_id, orphans = _index(str(path), os.path.getmtime(path))
         folder = self.image_dir(path)
         rel = self.rel(path)  # several caption files in one source (train + val) keep their ids apart
-        images = images_by_id[start:end]
         if start == 0:  # annotations of an image id the file does not list: counted once, by the first unit
             for image_id, i in orphans:
                 yield Reject(self.name, f"{rel}:{image_id}/{i}", "missing_image_entry",
                              f"annotation of image_id {image_id}, which {path.name} does not list in 'images'")
-        for im in images:
+        for pos in range(start, min(end, len(images_by_id))):
+            im = images_by_id[pos]
             caps = captions.get(im["id"], [])
-            ids = [f"{rel}:{im['id']}/{i}" for i in range(len(caps))] if self.options.coco_captions == "each" else \
-                [f"{rel}:{im['id']}"]
-            file = folder / im["file_name"]
-            if not file.is_file():
-                for rid in ids or [f"{rel}:{im['id']}"]:
-                    yield Reject(self.name, rid, "missing_image", str(file))
+            ids = self._ids(rel, im["id"], caps)
+            # An image id listed twice: the first entry (file order; images are sorted stably by id) is
+            # the record, a repeat is a duplicate. Decided from the whole file, so the answer is the same
+            # whichever unit, and so whichever partition, holds each entry.
+            if pos > 0 and images_by_id[pos - 1]["id"] == im["id"]:
+                for rid in ids:
+                    yield Reject(self.name, rid, "duplicate_id", f"image id {im['id']} listed again in 'images' "
+                                                                 f"of {path.name}")
                 continue
-            if not caps:
-                yield Reject(self.name, f"{rel}:{im['id']}", "missing_text", "no caption annotation for this image")
-                continue
-            image = ImageSegment(str(file), str(file))
-            if self.options.coco_captions == "each":
-                for rid, cap in zip(ids, caps):
-                    text, why = clean_caption(cap)
-                    yield _pair(self, image, text, rid) if text else Reject(self.name, rid, why)
-            else:
-                cleaned = [t for t, _ in map(clean_caption, caps) if t]
-                yield _pair(self, image, "\n".join(cleaned), ids[0]) if cleaned else \
-                    Reject(self.name, ids[0], "empty_text")
+            try:  # one bad image entry costs its own records, never the rest of the unit
+                records = self._image_records(im, caps, ids, folder)
+            except Exception as e:  # any failure of one entry is that entry's reject
+                records = [Reject(self.name, rid, "bad_record", f"{type(e).__name__}: {e}") for rid in ids]
+            yield from records
+
+    def _ids(self, rel: str, image_id: Any, caps: list[Any]) -> list[str]:
+        if self.options.coco_captions == "each" and caps:
+            return [f"{rel}:{image_id}/{i}" for i in range(len(caps))]
+        return [f"{rel}:{image_id}"]
+
+    def _image_records(self, im: dict[str, Any], caps: list[Any], ids: list[str], folder: Path) -> list[Record]:
+        file = folder / im["file_name"]
+        if not file.is_file():
+            return [Reject(self.name, rid, "missing_image", str(file)) for rid in ids]
+        if not caps:
+            return [Reject(self.name, ids[0], "missing_text", "no caption annotation for this image")]
+        try:
+            check_size(file, self.options.max_record_bytes)
+        except TooLarge as e:
+            return [Reject(self.name, rid, "too_large", f"{file}: {e}") for rid in ids]
+        image = ImageSegment(str(file), str(file))
+        if self.options.coco_captions == "each":
+            out: list[Record] = []
+            for rid, cap in zip(ids, caps):
+                text, why = clean_caption(cap)
+                out.append(_pair(self, image, text, rid) if text else Reject(self.name, rid, why))
+            return out
+        cleaned = [t for t, _ in map(clean_caption, caps) if t]
+        return [_pair(self, image, "\n".join(cleaned), ids[0]) if cleaned else Reject(self.name, ids[0], "empty_text")]
+
+    def unit_records(self, unit: tuple[str, int, int]) -> int | None:
+        path, start, end = unit
+        try:
+            captions, images, orphans = _index(path, os.path.getmtime(path))
+        except Exception:  # the file itself is what failed: unknown
+            return None
+        per_image = [len(captions.get(im["id"], [])) if self.options.coco_captions == "each" else 1
+                     for im in images[start:end]]
+        return sum(max(n, 1) for n in per_image) + (len(orphans) if start == 0 else 0)
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,23 +159,38 @@ class FolderReader(Reader):
     def read(self, unit: list[str]) -> Iterator[Record]:
         root = Path(self.path)
         for rel in unit:
-            image = root / rel
-            txt, meta = image.with_suffix(".txt"), image.with_suffix(".json")
-            raw: bytes | str | None = None
-            if txt.is_file():
-                raw = txt.read_bytes()
-            elif meta.is_file():
-                try:
-                    info = json.loads(meta.read_bytes())
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield Reject(self.name, rel, "bad_json", f"{meta.name}: {e}")
-                    continue
-                raw = info.get("caption", info.get("text")) if isinstance(info, dict) else None
-            text, why = clean_caption(raw)
-            if text is None:
-                yield Reject(self.name, rel, why, "no .txt or .json caption" if why == "missing_text" else "")
-                continue
-            yield _pair(self, ImageSegment(str(image), str(image)), text, rel)
+            rid = escape_id(Path(rel).as_posix())  # `rel` stays as the OS gave it: it opens the file
+            try:
+                yield self._record(root / rel, rid)
+            except TooLarge as e:
+                yield Reject(self.name, rid, "too_large", str(e))
+            except BadJson as e:
+                yield Reject(self.name, rid, "bad_json", str(e))
+            except OSError as e:  # one unreadable file (permissions, a vanished sidecar) costs its record
+                yield Reject(self.name, rid, "unreadable", f"{type(e).__name__}: {e}")
+
+    def _record(self, image: Path, rid: str) -> Record:
+        """Every read bounded by max_record_bytes: the sidecar through read_file_limited, the image
+        by its size (the tokenizer reads it later)."""
+        limit = self.options.max_record_bytes
+        txt, meta = image.with_suffix(".txt"), image.with_suffix(".json")
+        raw: bytes | str | None = None
+        if txt.is_file():
+            raw = read_file_limited(txt, limit)
+        elif meta.is_file():
+            try:
+                info = parse_json(read_file_limited(meta, limit))
+            except BadJson as e:
+                raise BadJson(f"{meta.name}: {e}") from None
+            raw = info.get("caption", info.get("text")) if isinstance(info, dict) else None
+        text, why = clean_caption(raw)
+        if text is None:
+            return Reject(self.name, rid, why, "no .txt or .json caption" if why == "missing_text" else "")
+        check_size(image, limit)
+        return _pair(self, ImageSegment(str(image), str(image)), text, rid)
+
+    def unit_records(self, unit: list[str]) -> int | None:
+        return len(unit)
 
 
 @register("img2dataset")
@@ -150,26 +205,28 @@ class Img2DatasetReader(Reader):
         try:
             with open(path, "rb") as f:  # the shards' own tar reader: members streamed, one sample at a time
                 for key, group in tar_samples(f, max_bytes=self.options.max_record_bytes):
+                    rid = f"{self.rel(path)}/{escape_id(key)}"
                     if any(data is TOO_LARGE for data in group.values()):
-                        yield Reject(self.name, f"{self.rel(path)}/{key}", "too_large",
-                                     str(TooLarge(self.options.max_record_bytes)))
+                        yield Reject(self.name, rid, "too_large", str(TooLarge(self.options.max_record_bytes)))
                         continue
-                    yield self._sample(path, key, {ext.lower(): data or b"" for ext, data in group.items()})
+                    try:  # one bad sample costs itself
+                        yield self._sample(path, rid, key, {ext.lower(): data or b"" for ext, data in group.items()})
+                    except Exception as e:
+                        yield Reject(self.name, rid, "bad_record", f"{type(e).__name__}: {e}")
         except (TarFormatError, OSError) as e:
             yield Reject(self.name, f"{self.rel(path)}/<rest>", "truncated_tar", f"{path}: {e}")
 
-    def _sample(self, path: Path, key: str, group: dict[str, bytes]) -> Record:
-        rid = f"{self.rel(path)}/{key}"
+    def _sample(self, path: Path, rid: str, key: str, group: dict[str, bytes]) -> Record:
         image = next((group[e] for e in IMAGE_MEMBER_SUFFIXES if e in group), None)
         if image is None:
             return Reject(self.name, rid, "missing_image", f"members: {sorted(group)}")
         raw: bytes | str | None = group.get("txt")
         if raw is None and "json" in group:
             try:
-                info = json.loads(group["json"])
-                raw = info.get("caption") if isinstance(info, dict) else None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                info = parse_json(group["json"])
+            except BadJson as e:
                 return Reject(self.name, rid, "bad_json", str(e))
+            raw = info.get("caption") if isinstance(info, dict) else None
         text, why = clean_caption(raw)
         if text is None:
             return Reject(self.name, rid, why)
@@ -221,15 +278,32 @@ class ParquetReader(Reader):
         table = pf.read_row_group(rg, columns=[c for c in (image_col, text_col, key_col) if c])
         images, texts = table.column(image_col).to_pylist(), table.column(text_col).to_pylist()
         keys = table.column(key_col).to_pylist() if key_col else [None] * len(images)
+        limit = self.options.max_record_bytes
         for row, (img, raw, key) in enumerate(zip(images, texts, keys)):
             rid = f"{self.rel(path)}#{rg}:{row}" + (f":{key}" if key is not None else "")
-            if isinstance(img, dict):
-                img = img.get("bytes")
-            if not img:
-                yield Reject(self.name, rid, "missing_image", f"null or empty {image_col!r}")
-                continue
-            text, why = clean_caption(raw)
-            if text is None:
-                yield Reject(self.name, rid, why)
-                continue
-            yield _pair(self, ImageSegment(bytes(img), f"{path}#{rg}:{row}"), text, rid)
+            try:  # one bad cell costs its row
+                yield self._row(path, rg, row, rid, img, raw, limit, image_col)
+            except Exception as e:
+                yield Reject(self.name, rid, "bad_record", f"{type(e).__name__}: {e}")
+
+    def _row(self, path: Path, rg: int, row: int, rid: str, img: Any, raw: Any, limit: int, image_col: str) -> Record:
+        if isinstance(img, dict):
+            img = img.get("bytes")
+        if not img:
+            return Reject(self.name, rid, "missing_image", f"null or empty {image_col!r}")
+        if len(img) > limit or (raw is not None and len(raw) > limit):
+            return Reject(self.name, rid, "too_large", str(TooLarge(limit)))
+        text, why = clean_caption(raw)
+        if text is None:
+            return Reject(self.name, rid, why)
+        return _pair(self, ImageSegment(bytes(img), f"{path}#{rg}:{row}"), text, rid)
+
+    def unit_records(self, unit: tuple[str, int]) -> int | None:
+        import pyarrow.parquet as pq
+
+        if unit[1] < 0:
+            return None
+        try:
+            return pq.ParquetFile(unit[0]).metadata.row_group(unit[1]).num_rows
+        except Exception:  # the footer itself is what failed: unknown
+            return None

@@ -8,19 +8,22 @@ bytes; a URL cannot be fetched here and rejects its document, as does any missin
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moma.pipeline.documents import Document, ImageSegment, Record, Reject, Segment, TextSegment
+from moma.pipeline.documents import Document, ImageSegment, Record, Reject, Segment, TextSegment, escape_id
 from moma.pipeline.readers.base import (
+    BadJson,
     Reader,
     TooLarge,
     cached_json,
+    check_size,
     chunked_units,
     expand_paths,
     lines_limited,
+    parse_json,
     register,
     resolve_image_path,
 )
@@ -35,10 +38,14 @@ class _MissingImage(Exception):
         self.reason = reason
 
 
-def _image(ref: Any, base: Path, where: str) -> ImageSegment:
+def _image(ref: Any, base: Path, where: str, limit: int) -> ImageSegment:
+    """An image reference (bytes, a path relative to `base`, which is absolute) as a segment; an
+    image over `limit` bytes is TooLarge (a stat, never a read)."""
     if isinstance(ref, dict):
         ref = ref.get("bytes") or ref.get("path")
     if isinstance(ref, (bytes, bytearray)):
+        if len(ref) > limit:
+            raise TooLarge(limit)
         return ImageSegment(bytes(ref), where)
     if not isinstance(ref, str) or not ref:
         raise _MissingImage("missing_image", f"{where}: no image reference")
@@ -47,6 +54,7 @@ def _image(ref: Any, base: Path, where: str) -> ImageSegment:
     path = resolve_image_path(ref, base)
     if not path.is_file():
         raise _MissingImage("missing_image", str(path))
+    check_size(path, limit)
     return ImageSegment(str(path), str(path))
 
 
@@ -78,8 +86,8 @@ def _iter_jsonl(reader: Reader, path: Path) -> Iterator[tuple[str, Any] | Reject
             if not raw.strip():
                 continue
             try:
-                yield rid, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield rid, parse_json(raw)
+            except BadJson as e:
                 yield Reject(reader.name, rid, "bad_json", str(e))
 
 
@@ -115,8 +123,16 @@ class _RecordFileReader(Reader):
                 yield self.document(rid, record, base)
             except _MissingImage as e:
                 yield Reject(self.name, rid, e.reason, str(e))
-            except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+            except TooLarge as e:
+                yield Reject(self.name, rid, "too_large", str(e))
+            except Exception as e:  # any failure of one record (RecursionError too) is that record's reject
                 yield Reject(self.name, rid, "bad_record", f"{type(e).__name__}: {e}")
+
+    def unit_records(self, unit: tuple[str, int, int]) -> int | None:
+        return unit[2] - unit[1] if unit[2] >= 0 else None  # a JSON slice; JSONL: unknown
+
+    def image(self, ref: Any, base: Path, where: str) -> ImageSegment:
+        return _image(ref, base, where, self.options.max_record_bytes)
 
     def document(self, rid: str, record: Any, base: Path) -> Record:
         raise NotImplementedError
@@ -130,8 +146,8 @@ class LlavaReader(_RecordFileReader):
 
     def document(self, rid: str, record: Any, base: Path) -> Record:
         if record.get("id") is not None:  # position (unique) + the dataset's own id (for people)
-            rid = f"{rid}:{record['id']}"
-        image = _image(record["image"], base, rid) if record.get("image") else None
+            rid = f"{rid}:{escape_id(str(record['id']))}"
+        image = self.image(record["image"], base, rid) if record.get("image") else None
         segments: list[Segment] = []
         placed = False
         for turn in record["conversations"]:
@@ -172,6 +188,16 @@ class ObelicsReader(_RecordFileReader):
                 units += chunked_units(path, len(records)) if records is not None else [(str(path), 0, -1)]
         return units
 
+    def unit_records(self, unit: tuple[str, int, int]) -> int | None:
+        if unit[2] != -2:
+            return super().unit_records(unit)
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(unit[0]).metadata.row_group(unit[1]).num_rows if unit[1] >= 0 else None
+        except Exception:  # the footer itself is what failed: unknown
+            return None
+
     def records(self, unit: tuple[str, int, int]) -> Iterator[tuple[str, Any] | Reject]:
         if unit[2] != -2:
             yield from super().records(unit)
@@ -190,7 +216,7 @@ class ObelicsReader(_RecordFileReader):
         segments: list[Segment] = []
         for i, (text, img) in enumerate(zip(texts, images)):
             if img is not None:
-                segments.append(_image(img, base, f"{rid}/images[{i}]"))
+                segments.append(self.image(img, base, f"{rid}/images[{i}]"))
             elif text is not None:
                 segments.append(TextSegment(str(text)))
         return _finish(self, rid, segments)
@@ -206,7 +232,7 @@ class Mmc4Reader(_RecordFileReader):
 
     def document(self, rid: str, record: Any, base: Path) -> Record:
         if self.options.mmc4_images:
-            folder = Path(self.options.mmc4_images)
+            folder = Path(os.path.abspath(self.options.mmc4_images))
         else:
             folder = base / "images" if (base / "images").is_dir() else base
         sentences = record["text_list"]
@@ -215,7 +241,8 @@ class Mmc4Reader(_RecordFileReader):
             idx = int(info["matched_text_index"])
             if not 0 <= idx < len(sentences):
                 raise ValueError(f"matched_text_index {idx} outside text_list of {len(sentences)}")
-            by_sentence.setdefault(idx, []).append(_image(str(folder / info["image_name"]), base, rid))
+            # folder is absolute (units are): the name resolves once, never against `base` again
+            by_sentence.setdefault(idx, []).append(self.image(str(folder / info["image_name"]), base, rid))
         segments: list[Segment] = []
         for i, sentence in enumerate(sentences):
             segments += by_sentence.get(i, [])

@@ -6,14 +6,22 @@ The paper trains on text-only data alongside image-text data; these documents ho
 from __future__ import annotations
 
 import gzip
-import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from moma.pipeline.documents import Document, Record, Reject, TextSegment, clean_caption
-from moma.pipeline.readers.base import Reader, TooLarge, expand_paths, lines_limited, read_limited, register
+from moma.pipeline.readers.base import (
+    BadJson,
+    Reader,
+    TooLarge,
+    expand_paths,
+    lines_limited,
+    parse_json,
+    read_limited,
+    register,
+)
 from moma.tokenizers.text_corpus import JSONL_SUFFIXES, TEXT_SUFFIXES, is_jsonl
 
 
@@ -40,8 +48,8 @@ class TextReader(Reader):
                     if not raw.strip():
                         continue
                     try:
-                        record = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        record = parse_json(raw)
+                    except BadJson as e:
                         yield Reject(self.name, rid, "bad_json", str(e))
                         continue
                     value = record.get(self.options.text_field) if isinstance(record, dict) else None
@@ -50,6 +58,9 @@ class TextReader(Reader):
             yield Reject(self.name, rel, "too_large", str(e))
         except (OSError, EOFError, zlib.error) as e:
             yield Reject(self.name, rel, "unreadable", str(e))
+
+    def unit_records(self, unit: str) -> int | None:
+        return None if is_jsonl(Path(unit)) else 1  # a plain text file is one document
 
     def _doc(self, rid: str, raw: bytes | None) -> Record:
         text, why = clean_caption(raw)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import json
 import multiprocessing as mp
 import os
@@ -31,11 +32,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moma.pipeline.documents import Document, Reject, document_key
+from moma.pipeline.documents import Document, Reject, document_key, safe_text
 from moma.pipeline.errors import MomaError
 from moma.pipeline.readers.base import make_reader
 from moma.pipeline.shards.assemble import DocumentTokenizer, Tokenizers
-from moma.pipeline.shards.build_config import STAGING, BuildConfig
+from moma.pipeline.shards.build_config import DEFAULT_MAX_REJECT_FRACTION, STAGING, BuildConfig
 from moma.pipeline.shards.manifest import MANIFEST, REJECTS, Manifest
 from moma.pipeline.shards.writer import ShardInfo, ShardWriter
 from moma.tokenizers.fileio import atomic_write, write_json_atomic
@@ -43,12 +44,16 @@ from moma.tokenizers.progress import progress as progress_bar
 from moma.tokenizers.vocab import Vocab
 
 DONE = "done.json"
+KEYS = "keys.txt"  # a partition's document keys, sorted: the merge checks that no key is written twice
 
 
 class BuildError(MomaError):
     """The build ran but must not be used (too many rejects, conflicting settings ...)."""
 
 
+# (global unit index, record position in the unit): where a record comes from, whatever the
+# partitioning. Rejects are ordered by it, so rejects.jsonl does not depend on --num-partitions.
+Tag = tuple[int, int]
 
 
 @dataclasses.dataclass
@@ -78,24 +83,38 @@ def _units(cfg: BuildConfig) -> list[tuple[int, Any]]:
     return units
 
 
-# What a reader's unit can raise when its input is damaged (a corrupt parquet page, a truncated
-# footer, a zlib stream cut short ...): the unit is rejected with the reason, the build goes on.
-UNIT_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, zlib.error, RuntimeError)
+# What a reader's unit can raise when the unit itself cannot be read (a corrupt parquet page, a
+# truncated footer, a zlib stream cut short ...): the unit is rejected with the reason, the build goes
+# on. A bad *record* never gets here: readers reject it themselves and go on with the next.
+UNIT_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, zlib.error, RuntimeError,
+               RecursionError)
 
 
-def _records(cfg: BuildConfig, units: list[tuple[int, Any]]) -> Iterator[tuple[int, Document | Reject]]:
-    """(source index, record) for every record of `units`; a unit whose reader fails becomes one
-    Reject naming the unit (the records it gave before the failure stand)."""
+def _records(cfg: BuildConfig, units: list[tuple[int, int, Any]]) -> Iterator[tuple[int, Document | Reject, Tag]]:
+    """(source index, record, tag) for every record of `units` ((global index, source index, unit)
+    each). A unit whose reader fails is rejected naming the unit, once for every record it held and
+    did not give (Reader.unit_records; one when unknown): inputs = written + rejected, always. The
+    records it gave before the failure stand."""
     readers = [make_reader(spec, cfg.options, idx) for idx, spec in enumerate(cfg.sources)]
-    for idx, unit in units:
+    for g, idx, unit in units:
         reader = readers[idx]
+        pos = 0
         try:
             for record in reader.read(unit):
                 if isinstance(record, Document):
                     record.key = document_key(idx, record.record_id)
-                yield idx, record
+                yield idx, record, (g, pos)
+                pos += 1
         except UNIT_ERRORS as e:
-            yield idx, Reject(reader.name, reader.unit_id(unit), "unreadable_unit", f"{type(e).__name__}: {e}")
+            try:
+                held = reader.unit_records(unit)
+            except Exception:  # the count is a hint; the unit is already known to be broken
+                held = None
+            lost = max(held - pos, 1) if held is not None else 1
+            detail = f"{type(e).__name__}: {e}" + (f" ({lost} records of this unit not read)" if lost > 1 else "")
+            for _ in range(lost):
+                yield idx, Reject(reader.name, reader.unit_id(unit), "unreadable_unit", safe_text(detail)), (g, pos)
+                pos += 1
 
 
 def _staged_settings(cfg: BuildConfig, tokenizers: Tokenizers) -> dict[str, Any]:
@@ -177,9 +196,12 @@ def _load_tokenizers(text: str, image: str | None, pattern: str | None) -> Token
 
 
 class PartitionLock:
-    """One owner per partition: `part-i.lock` created with O_EXCL, holding host, pid and start time.
-    A lock left by a process that died on this host (SIGKILL, a requeue) is taken over; one held by
-    a live process, or by another host (which cannot be checked from here), is an error naming it."""
+    """One owner per partition: `part-i.lock`, holding host, pid and start time. The record is
+    written to a temporary file first and hard-linked into place (link fails if the lock exists),
+    so a lock never exists without its holder record, whenever the process dies (SIGKILL, a full
+    disk). A lock left by a process that died on this host (SIGKILL, a requeue) is taken over; one
+    held by a live process, or by another host (which cannot be checked from here), is an error
+    naming it."""
 
     def __init__(self, staging: Path, index: int, out: str) -> None:
         self.path = staging / f"part-{index:05d}.lock"
@@ -188,11 +210,19 @@ class PartitionLock:
 
     def _holder(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            holder = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     def _stale(self, holder: dict[str, Any]) -> bool:
+        if not holder:
+            # No holder record: an older moma created its lock empty and wrote it after, and died in
+            # between. Locks appear complete now, so one that stays empty for a minute is such a leftover.
+            try:
+                return time.time() - self.path.stat().st_mtime > 60
+            except FileNotFoundError:
+                return True
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
             return False
         try:
@@ -205,34 +235,47 @@ class PartitionLock:
 
     def __enter__(self) -> PartitionLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and self._stale(holder):
-                    self.path.unlink(missing_ok=True)  # its owner is gone: take it over (once)
-                    continue
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-                raise BuildError(f"partition {self.index} of {self.out} is held by pid {holder.get('pid', '?')} on "
-                                 f"{holder.get('host', '?')} since {since} ({self.path}); if that process is gone, "
-                                 f"remove the lock file") from None
-            with os.fdopen(fd, "w") as f:
+        tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
                 f.write(self.mine)
                 f.flush()
                 os.fsync(f.fileno())
-            return self
-        raise BuildError(f"partition {self.index} of {self.out}: could not take {self.path}")
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)  # atomic and exclusive: the lock appears with its record, or not at all
+                    return self
+                except FileExistsError:
+                    holder = self._holder()
+                    if self._stale(holder):
+                        self.path.unlink(missing_ok=True)  # its owner is gone: take it over (once)
+                        continue
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                    raise BuildError(f"partition {self.index} of {self.out} is held by pid {holder.get('pid', '?')} "
+                                     f"on {holder.get('host', '?')} since {since} ({self.path}); if that process is "
+                                     f"gone, remove the lock file") from None
+            raise BuildError(f"partition {self.index} of {self.out}: could not take {self.path}")
+        except OSError as e:  # a full disk (ENOSPC), a quota, a read-only mount: name the file
+            raise BuildError(f"cannot take the lock {self.path} (writing {tmp.name}): "
+                             f"{e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self.path.exists() and self.path.read_text() == self.mine:
             self.path.unlink()
 
 
+def partition_units(units: list[tuple[int, Any]], index: int, n: int) -> list[tuple[int, int, Any]]:
+    """Partition `index` of `n`: every n-th unit, each with its global index (which tags its records)."""
+    return [(g, source, unit) for g, (source, unit) in enumerate(units)][index::n]
+
+
 def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, progress: bool = False,
-                  units: list[tuple[int, Any]] | None = None) -> PartitionResult:
+                  units: list[tuple[int, int, Any]] | None = None) -> PartitionResult:
     """Build partition `index` (or return its recorded result if it is already done, with the same
-    settings). `units`: this partition's share of the source units when the caller listed them."""
+    settings). `units`: this partition's share of the source units (partition_units) when the caller
+    listed them."""
     tokenizers = _load_tokenizers(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
     _prepare_staging(cfg, tokenizers)
     part = cfg.staging / f"part-{index:05d}"
@@ -243,7 +286,7 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
 
 
 def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Tokenizers, threads: int | None,
-                     progress: bool, units: list[tuple[int, Any]] | None) -> PartitionResult:
+                     progress: bool, units: list[tuple[int, int, Any]] | None) -> PartitionResult:
     if (part / DONE).exists():  # finished by another process while this one waited for nothing
         return PartitionResult.from_json(json.loads((part / DONE).read_text()))
     if threads:
@@ -256,21 +299,21 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
     encode = DocumentTokenizer(tokenizers, text_threads=threads or 1, max_pixels=cfg.max_pixels,
                                jpeg_draft=cfg.jpeg_draft)
     writer = ShardWriter(part, "shard-{:06d}.tar", cfg.max_docs_per_shard, cfg.max_bytes_per_shard)
-    rejects: list[Reject] = []
+    rejects: list[tuple[Tag, Reject]] = []
     inputs = 0
     seen: set[str] = set()
-    batch: list[tuple[int, Document]] = []
+    batch: list[tuple[int, Document, Tag]] = []
     counts: dict[int, Counter] = {i: Counter() for i in range(len(cfg.sources))}
     bar = progress_bar(desc=f"partition {index}", unit="doc", disable=not progress)
 
-    def reject(source: int, r: Reject) -> None:
-        rejects.append(r)
+    def reject(source: int, r: Reject, tag: Tag) -> None:
+        rejects.append((tag, r))
         counts[source]["rejected"] += 1
 
     def flush() -> None:
-        for (source, _), item in zip(batch, encode([doc for _, doc in batch])):
+        for (source, _, tag), item in zip(batch, encode([doc for _, doc, _ in batch])):
             if isinstance(item, Reject):
-                reject(source, item)
+                reject(source, item, tag)
                 continue
             doc = item.doc
             meta = {"source": doc.source, "id": doc.record_id, "text_tokens": item.text_tokens,
@@ -281,28 +324,35 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
         batch.clear()
 
     if units is None:
-        units = _units(cfg)[index::cfg.num_partitions]
-    for source, record in _records(cfg, units):
+        units = partition_units(_units(cfg), index, cfg.num_partitions)
+    for source, record, tag in _records(cfg, units):
         inputs += 1
         counts[source]["inputs"] += 1
         if isinstance(record, Reject):
-            reject(source, record)
+            reject(source, record, tag)
             continue
+        # Ids are unique within a source by construction (paths as the user sees them, positions,
+        # COCO repeats decided by the reader from the whole file); what remains is a repeat inside
+        # one unit (an img2dataset tar listing a key twice), which every partitioning sees the same.
         if record.key in seen:
-            reject(source, Reject(record.source, record.record_id, "duplicate_id", f"key {record.key}"))
+            reject(source, Reject(record.source, record.record_id, "duplicate_id", f"key {record.key}"), tag)
             continue
         seen.add(record.key)
-        batch.append((source, record))
+        batch.append((source, record, tag))
         if len(batch) >= cfg.doc_batch:
             flush()
     flush()
     bar.close()
     shards = writer.close()
-    with atomic_write(part / REJECTS, "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n")
+    rejects.sort(key=lambda tr: tr[0])
+    with atomic_write(part / REJECTS, "wb") as f:
+        for (g, pos), r in rejects:  # tagged: the merge interleaves partitions back into unit order
+            entry = {**r.to_json(), "unit": g, "pos": pos}
+            f.write((json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+    with atomic_write(part / KEYS, "wb") as f:
+        f.writelines(f"{key}\n".encode() for key in sorted(seen))
     result = PartitionResult(index=index, shards=shards, inputs=inputs,
-                             rejects=dict(sorted(Counter(r.reason for r in rejects).items())),
+                             rejects=dict(sorted(Counter(r.reason for _, r in rejects).items())),
                              seconds=time.perf_counter() - start,
                              by_source={str(i): {k: c[k] for k in ("inputs", "docs", "rejected")}
                                         for i, c in counts.items()})
@@ -310,7 +360,7 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
     return result
 
 
-def _partition_task(args: tuple[BuildConfig, int, int, list[tuple[int, Any]]]) -> PartitionResult:
+def _partition_task(args: tuple[BuildConfig, int, int, list[tuple[int, int, Any]]]) -> PartitionResult:
     cfg, index, threads, units = args
     return run_partition(cfg, index, threads, units=units)
 
@@ -332,19 +382,19 @@ def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None, prog
         print(f"{cfg.out}: already built ({len(existing.shards)} shards); nothing to do")
         return existing
     units = _units(cfg)  # listed once; also surfaces source errors (missing files, bad columns) before any work
-    pending = [i for i in range(cfg.num_partitions) if not (cfg.staging / f"part-{i:05d}" / DONE).exists()]
+    n = cfg.num_partitions
+    pending = [i for i in range(n) if not (cfg.staging / f"part-{i:05d}" / DONE).exists()]
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     start = time.perf_counter()
-    bar = progress_bar(total=cfg.num_partitions, initial=cfg.num_partitions - len(pending), desc="partitions",
-               disable=not progress)
+    bar = progress_bar(total=n, initial=n - len(pending), desc="partitions", disable=not progress)
     if workers <= 1:
         for i in pending:
-            run_partition(cfg, i, threads=threads, units=units[i::cfg.num_partitions])
+            run_partition(cfg, i, threads=threads, units=partition_units(units, i, n))
             bar.update(1)
     else:
         # spawn: the parent may hold torch/tiktoken thread pools that fork would copy half-alive
         with mp.get_context("spawn").Pool(workers) as pool:
-            tasks = [(cfg, i, threads, units[i::cfg.num_partitions]) for i in pending]
+            tasks = [(cfg, i, threads, partition_units(units, i, n)) for i in pending]
             for _ in pool.imap_unordered(_partition_task, tasks):
                 bar.update(1)
             pool.close()  # a clean shutdown; the with-block's terminate() leaks the pool's semaphores
@@ -353,15 +403,61 @@ def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None, prog
     manifest = merge(cfg.out, max_reject_fraction=cfg.max_reject_fraction)
     t = manifest.totals
     elapsed = time.perf_counter() - start
-    reasons = ", ".join(f"{k} {v}" for k, v in t["rejects_by_reason"].items()) or "none"
     print(f"built {t['docs']} docs in {len(manifest.shards)} shards: {t['tokens']['text']} text + "
-          f"{t['tokens']['image']} image tokens; rejected {t['rejected']} of {t['inputs']} inputs ({reasons}); "
+          f"{t['tokens']['image']} image tokens; {reject_summary(t['rejected'], t['inputs'], t['rejects_by_reason'])}; "
           f"{t['docs'] / max(elapsed, 1e-9):.1f} docs/s -> {cfg.out}")
     return manifest
 
 
-def merge(out: str | Path, max_reject_fraction: float | None = None) -> Manifest:
-    """Number the partitions' tars globally and write rejects.jsonl, sizes.json, manifest.json."""
+def reject_summary(rejected: int, inputs: int, reasons: dict[str, int], top: int = 3) -> str:
+    """"rejected 30 of 32 inputs (93.8%: missing_image 28, bad_json 2)": the share and the top reasons."""
+    if not rejected:
+        return f"rejected 0 of {inputs} inputs"
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    named = ", ".join(f"{k} {v}" for k, v in ranked[:top]) + (f", +{len(ranked) - top} more reasons"
+                                                              if len(ranked) > top else "")
+    return f"rejected {rejected} of {inputs} inputs ({rejected / max(inputs, 1):.1%}: {named})"
+
+
+def _tagged_rejects(path: Path) -> Iterator[tuple[Tag, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            yield (entry.pop("unit", 0), entry.pop("pos", 0)), entry
+
+
+def _write_rejects(out: Path, staging: Path, results: list[PartitionResult]) -> None:
+    """rejects.jsonl: every partition's rejects interleaved back into unit order (a streaming merge
+    of sorted files), so its bytes do not depend on the partitioning."""
+    streams = [_tagged_rejects(staging / f"part-{r.index:05d}" / REJECTS) for r in results]
+    with atomic_write(out / REJECTS, "wb") as f:
+        for _, entry in heapq.merge(*streams, key=lambda e: e[0]):
+            f.write((json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _check_unique_keys(staging: Path, results: list[PartitionResult]) -> None:
+    """No key written by two partitions (a streaming merge of their sorted key lists)."""
+    def keys(index: int) -> Iterator[tuple[str, int]]:
+        path = staging / f"part-{index:05d}" / KEYS
+        if not path.exists():  # staged by an older moma
+            return
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n"), index
+
+    previous: tuple[str, int] | None = None
+    for key, index in heapq.merge(*(keys(r.index) for r in results)):
+        if previous is not None and previous[0] == key:
+            raise BuildError(f"key {key} is written by partitions {previous[1]} and {index}: two records of one "
+                             f"source share an id (a reader bug; please report it)")
+        previous = (key, index)
+
+
+def merge(out: str | Path, max_reject_fraction: float | None = DEFAULT_MAX_REJECT_FRACTION) -> Manifest:
+    """Number the partitions' tars globally and write rejects.jsonl, sizes.json, manifest.json.
+    More than `max_reject_fraction` of the inputs rejected (None: any share is accepted): the report
+    (rejects.jsonl) is written, then a BuildError; no manifest, and the staged partitions are kept,
+    so a merge with a higher threshold needs no rebuild."""
     out = Path(out)
     staging = out / STAGING
     try:
@@ -380,10 +476,13 @@ def merge(out: str | Path, max_reject_fraction: float | None = None) -> Manifest
     for r in results:
         reasons.update(r.rejects)
     rejected = sum(reasons.values())
+    _check_unique_keys(staging, results)
+    _write_rejects(out, staging, results)
     if max_reject_fraction is not None and inputs and rejected / inputs > max_reject_fraction:
-        raise BuildError(f"{rejected} of {inputs} inputs rejected ({rejected / inputs:.1%}) > --max-reject-fraction "
-                         f"{max_reject_fraction:.1%}; no manifest written. Reasons: {dict(reasons)}; details in "
-                         f"{staging}/part-*/{REJECTS}")
+        summary = reject_summary(rejected, inputs, dict(reasons)).removeprefix("rejected ")
+        raise BuildError(f"{summary.replace(' inputs (', ' inputs rejected (', 1)} > --max-reject-fraction "
+                         f"{max_reject_fraction:g}: no manifest written; every reject is in {out / REJECTS}. "
+                         f"To accept this build, rerun with --max-reject-fraction 1 (finished partitions are kept)")
     shards: list[ShardInfo] = []
     for r in results:
         for s in r.shards:
@@ -393,9 +492,6 @@ def merge(out: str | Path, max_reject_fraction: float | None = None) -> Manifest
             os.link(staging / f"part-{r.index:05d}" / s.name, tmp)  # hard link: no copy, atomic rename
             os.replace(tmp, out / final.name)
             shards.append(final)
-    with atomic_write(out / REJECTS, "wb") as f:
-        for r in results:
-            f.write((staging / f"part-{r.index:05d}" / REJECTS).read_bytes())
     written = sum(s.docs for s in shards)
     assert written + rejected == inputs, "partition accounting does not add up"
     by_source = [Counter() for _ in settings["sources"]]

@@ -8,6 +8,7 @@ from these fields).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from moma.pipeline.readers.base import ReaderOptions
 from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS
 
 STAGING = ".staging"
+# A build that lost more than half of its inputs is almost always a mistake (a wrong image folder,
+# a wrong column, a wrong --text-field): fail loudly, after writing the report (rejects.jsonl).
+DEFAULT_MAX_REJECT_FRACTION = 0.5
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -37,13 +41,19 @@ class BuildConfig:
     # fixed default: the output must not depend on --workers
     num_partitions: int = _opt(16, "units of parallel work (a SLURM array task runs one)")
     doc_batch: int = _opt(256, "documents tokenized together", cli=False)
-    max_reject_fraction: float | None = _opt(None, "fail (no manifest) when more than this fraction of inputs is "
-                                                   "rejected")
+    max_reject_fraction: float | None = _opt(DEFAULT_MAX_REJECT_FRACTION,
+                                             "fail (exit 2, no manifest; rejects.jsonl and the summary line say why) "
+                                             "when more than this fraction of the inputs is rejected; 1 accepts any "
+                                             "share")
     max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "refuse larger images (decompression bombs)")
     jpeg_draft: bool = _opt(True, "decode JPEGs at a reduced size (>= 2x the tokenizer's; >= 30 dB from a full "
                                   "decode)")
 
     def __post_init__(self) -> None:
+        # Source paths absolute from here on: the recorded settings, the documents' "source" and every
+        # worker mean the same files whatever the working directory (a relative spec and its absolute
+        # spelling build the same bytes). abspath, not resolve: symlinks stay as the user gave them.
+        self.sources = [absolute_source(s) for s in self.sources]
         if self.image_tokenizer is None and any(not s.startswith("text:") for s in self.sources):
             raise ValueError("--image-tokenizer is required: some sources hold images")
 
@@ -61,3 +71,11 @@ class BuildConfig:
     @property
     def staging(self) -> Path:
         return Path(self.out) / STAGING
+
+
+def absolute_source(spec: str) -> str:
+    """`KIND:PATH` with PATH absolute (not resolved); anything else unchanged (make_reader names the error)."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or not kind.isidentifier():
+        return spec
+    return f"{kind}:{os.path.abspath(path)}"

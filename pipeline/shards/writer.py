@@ -43,7 +43,7 @@ def encode_sample(key: str, tokens: np.ndarray, meta: dict[str, Any]) -> dict[st
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(tokens, dtype=np.uint32), allow_pickle=False)
     return {"__key__": key, "tokens.npy": buf.getvalue(),
-            "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+            "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8", "backslashreplace")}
 
 
 class ShardWriter:
