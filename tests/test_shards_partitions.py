@@ -179,3 +179,23 @@ def test_a_symlinked_file_keeps_the_id_of_its_link(tmp_path: Path) -> None:
     os.symlink(tmp_path / "elsewhere" / "target.txt", tmp_path / "root" / "a" / "link.txt")
     reader = make_reader(f"text:{tmp_path / 'root'}", ReaderOptions(), 0)
     assert [reader.rel(u) for u in reader.units()] == ["a/link.txt"]
+
+
+def test_a_key_written_by_two_partitions_is_refused_at_merge(tmp_path: Path, toks: tuple[Path, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net behind the readers' unique ids: if a reader ever gave two units' records one id,
+    the merge refuses (naming the key) instead of writing it twice."""
+    from moma.pipeline.readers.text import TextReader
+    from moma.pipeline.shards.build import BuildError
+
+    for name in ("a.txt", "b.txt"):
+        write_file(tmp_path / "root" / name, 0)
+    monkeypatch.setattr(TextReader, "rel", lambda self, path: "same.txt")  # a reader bug: one id for two files
+    cfg = BuildConfig(sources=[f"text:{tmp_path / 'root'}"], out=str(tmp_path / "p2"), text_tokenizer=str(toks[0]),
+                      num_partitions=2)
+    with pytest.raises(BuildError, match=r"key s00_same-txt_\w+ is written by partitions 0 and 1"):
+        build(cfg, progress=False)
+    assert not (tmp_path / "p2" / "manifest.json").exists()
+    one = build(BuildConfig(sources=cfg.sources, out=str(tmp_path / "p1"), text_tokenizer=str(toks[0]),
+                            num_partitions=1, max_reject_fraction=1.0), progress=False)
+    assert one.totals["docs"] == 1 and one.totals["rejects_by_reason"] == {"duplicate_id": 1}

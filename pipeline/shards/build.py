@@ -10,9 +10,13 @@ redoes any other from scratch, so a build killed at any moment (even SIGKILL) an
 exactly the shards of an uninterrupted build. The same partition runs as a local process (--workers)
 or as a SLURM array task (--partition i --num-partitions n; then `moma shards merge OUT`).
 
-The merge numbers the partitions' tars globally ({prefix}-000000.tar, ...), writes rejects.jsonl,
-sizes.json and, last, manifest.json. Same inputs, tokenizers and flags give byte-identical shards and
-manifest (fixed tar headers, stable document keys, no timestamps).
+The merge numbers the partitions' tars globally ({prefix}-000000.tar, ...), writes rejects.jsonl
+(interleaved back into unit order), sizes.json and, last, manifest.json. Same inputs, tokenizers and
+flags give byte-identical shards and manifest (fixed tar headers, stable document keys, no
+timestamps). Whatever --num-partitions, the same documents are written under the same keys, byte
+for byte, and rejects.jsonl is byte-identical (tests/test_shards_partitions.py); only how documents
+fall into tars differs. More than --max-reject-fraction (default 0.5) of the inputs rejected: the
+report is written, then a BuildError (exit 2) and no manifest; the partitions stay staged.
 """
 
 from __future__ import annotations
