@@ -32,6 +32,8 @@ from corpus_fixtures import (
     write_parquet,
     write_text,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moma.pipeline.cli import main as cli_main
 from moma.pipeline.readers.base import ReaderOptions
@@ -130,6 +132,22 @@ def test_file_names_that_are_not_utf8_are_written_under_an_escaped_id(tmp_path: 
     assert [(r["record_id"], r["reason"]) for r in rejects(out)] == \
         [(escape_id(os.fsdecode(b"bad\xff.jsonl")) + ":2", "bad_json")]
     assert manifest.totals["docs"] == 6
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b),
+                      min_size=2, max_size=2, unique=True))
+def test_escaped_ids_are_utf8_reversible_and_never_shared(names: list[bytes]) -> None:
+    from moma.pipeline.documents import escape_id, unescape_id
+
+    decoded = [os.fsdecode(n) for n in names]
+    escaped = [escape_id(d) for d in decoded]
+    for name, d, e in zip(names, decoded, escaped):
+        e.encode("utf-8")  # no lone surrogates left
+        assert os.fsencode(unescape_id(e)) == name
+        if "\\" not in d and d.encode("utf-8", "surrogateescape") == d.encode("utf-8", "ignore"):
+            assert e == d  # a UTF-8 name without a backslash keeps its id
+    assert escaped[0] != escaped[1]
 
 
 # --- defect 4: a partition lock never exists without its holder record -----------------------------
