@@ -19,9 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from moma.pipeline.shards.manifest import Manifest
 from moma.tokenizers.fileio import sha256_file
-from moma.tokenizers.progress import progress as progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +72,10 @@ def check_shard(args: tuple[str, str, int, str]) -> ShardCheck:
 
 def verify(directory: str | Path, workers: int | None = None, progress: bool = True) -> VerifyResult:
     """Check every shard of the finished build in `directory` (FileNotFoundError without a manifest)."""
+    # imported here, not at the top: each spawned worker imports this module, and needs only check_shard
+    from moma.pipeline.shards.manifest import Manifest
+    from moma.tokenizers.progress import progress as progress_bar
+
     directory = Path(directory)
     manifest = Manifest.load(directory)
     tasks = [(str(directory / s.name), s.name, s.bytes, s.sha256) for s in manifest.shards]

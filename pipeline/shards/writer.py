@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from moma.tokenizers.fileio import sha256_file
 
@@ -54,7 +53,7 @@ class ShardWriter:
         self.name_pattern = name_pattern  # e.g. "shard-{:06d}.tar"
         self.max_docs, self.max_bytes = max_docs, max_bytes
         self.shards: list[ShardInfo] = []
-        self._tar: wds.TarWriter | None = None
+        self._tar: Any = None  # webdataset.TarWriter (imported when the first shard opens: it imports torch)
         self._file: Any = None
         self._tmp: Path | None = None
 
@@ -62,6 +61,8 @@ class ShardWriter:
         info = ShardInfo(self.name_pattern.format(len(self.shards)))
         self.shards.append(info)
         self._tmp = self.directory / f".{info.name}.tmp"
+        import webdataset as wds
+
         self._file = open(self._tmp, "wb")
         # Fixed header fields: identical input documents give byte-identical tars. mtime is an int:
         # tarfile writes a float mtime as a pax extended header, 1 KiB more per member.
