@@ -107,6 +107,17 @@ def test_an_unreadable_unit_counts_every_record_it_held(tmp_path: Path, toks: tu
     assert [(r["record_id"], r["reason"]) for r in rejects(out)] == [("a.parquet#1", "unreadable_unit")] * 2
 
 
+def test_a_json_list_file_nested_too_deep_is_a_one_line_error_naming_it(tmp_path: Path,
+                                                                      toks: tuple[Path, Path]) -> None:
+    """A JSON *list* file is parsed whole when units are listed (it is one index, not a record): a
+    file nested too deep is the same one-line error as invalid JSON, naming the file."""
+    llava = write_llava(tmp_path / "llava")
+    llava.write_bytes(DEEP)
+    args = ["shards", "build", "--source", f"llava:{llava}", "--text-tokenizer", str(toks[0]), "--image-tokenizer",
+            str(toks[1]), "--out", str(tmp_path / "out")]
+    assert cli_main(args) == 2
+
+
 # --- defect 2: file names that are not UTF-8 --------------------------------------------------------
 
 def test_file_names_that_are_not_utf8_are_written_under_an_escaped_id(tmp_path: Path,
