@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The flops-savings experiment (#16) at its cpu scale, data included, on this 2-core machine (about
-# 75 minutes): 40,000 generated captioned pictures (+300 held out) and seven of the embedded plays
-# (Twelfth Night held out), tokenized with the demo's BPE and VQ tokenizers (made by `moma demo` when
-# absent), then `moma experiment flops-savings --scale cpu`. Rerun the same line to resume.
+# The flops-savings experiment at a CPU scale, data included, on this 2-core machine: 40,000
+# generated captioned pictures (+300 held out) and seven of the embedded plays (Twelfth Night held
+# out), tokenized with the demo's BPE and VQ tokenizers (made by `moma demo` when absent), then
+# `moma experiment flops-savings`. The held-out set is weighted like training (85 % captions, 15 %
+# plays, shares of tokens). Rerun the same line to resume; the data is built once for every OUT.
 #
-#   bash jobs/flops_savings_cpu.sh [OUT]          # default runs/flops_cpu; report in OUT/report.md
+#   bash jobs/flops_savings_cpu.sh [OUT] [experiment flags...]     # default runs/flops_cpu, --scale cpu
+#   bash jobs/flops_savings_cpu.sh runs/ablation_swin --model-set block_norm=swin \
+#       --variants moma_4t4i,moma_4t4i+router_rank=softmax --dense-budgets 0.5,1,2
+#   bash jobs/flops_savings_cpu.sh runs/flops_cpu_long --scale cpu-long --variants moe_8x,moma_4t4i
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/flops_cpu}
-data=$out/data
-moma=.venv/bin/moma
+shift || true
+data=${MOMA_FLOPS_DATA:-runs/flops_data}
+moma=${MOMA:-.venv/bin/moma}
 tok=runs/demo/tokenizers
 [ -f $tok/image/image_tokenizer.json ] || $moma demo --out runs/demo --steps 20
 .venv/bin/python - "$data" <<'PY'
@@ -37,6 +42,8 @@ build text $(for p in hamlet julius_caesar lear macbeth midsummer_nights_dream r
     echo "text:$plays/$p.txt"; done)
 build heldout_captions "folder:$data/heldout"
 build heldout_text "text:$plays/twelfth_night.txt"
+scale=(--scale cpu)
+case " $* " in *" --scale "*) scale=() ;; esac
 $moma experiment flops-savings --data "$data/shards/captions@0.85" "$data/shards/text@0.15" \
-    --eval-data "$data/shards/heldout_captions" "$data/shards/heldout_text" \
-    --text-tokenizer $tok/text --image-tokenizer $tok/image --scale cpu --out "$out"
+    --eval-data "$data/shards/heldout_captions@0.85" "$data/shards/heldout_text@0.15" \
+    --text-tokenizer $tok/text --image-tokenizer $tok/image "${scale[@]}" --out "$out" "$@"

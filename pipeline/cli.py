@@ -320,9 +320,14 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--world-size", type=int, default=None, help="for --dry-run/--check: the world size to plan for")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("export", help="checkpoint -> consolidated safetensors with every expert + config + vocab")
+    p = sub.add_parser("export", help="checkpoint -> a self-contained model directory: safetensors with every "
+                                      "expert (clean names), both tokenizers, HF config.json + modeling code")
     p.add_argument("checkpoint", help="checkpoint directory (with 'latest') or one global_step* directory")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the export directory (created; files replaced when complete)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="larger weights are split into model-0000x-of-0000N.safetensors + an index (default: 5GB)")
+    p.add_argument("--text-tokenizer", default=None, help="default: the run's (bundled into the export)")
+    p.add_argument("--image-tokenizer", default=None, help="default: the run's (bundled into the export)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train-aux-routers",
@@ -365,9 +370,10 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", required=True, metavar="SHARDS", help="held-out shard directories")
     p.add_argument("--routing", choices=["ec", "causal"], default="ec",
                    help="expert choice as trained, or causal (needs the auxiliary routers)")
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len, at most 512")
+    p.add_argument("--batches", type=_batches, default=None,
+                   help="all (default: every held-out document once) or the first N batches (never cycled)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the run's micro-batch")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="default: the run's data.seq_len")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="PNG loss curves by modality from a run's metrics.jsonl")
@@ -399,11 +405,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from moma.pipeline.training.export import export_checkpoint
+    from moma.pipeline.training.export import export_checkpoint, weight_files
 
-    out = export_checkpoint(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.json, vocab.json)")
+    out = export_checkpoint(args.checkpoint, args.out, args.max_shard_size, args.text_tokenizer,
+                            args.image_tokenizer)
+    files = weight_files(out)
+    print(f"exported {args.checkpoint} -> {out} ({files[0].name if len(files) == 1 else f'{len(files)} shards'}, "
+          f"config.json, tokenizers/, modeling_moma.py)")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _batches(text: str) -> int | None:
+    return None if text == "all" else _positive_int(text)
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> int:
@@ -481,23 +501,42 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from moma.pipeline.loader.loader import DataConfig, DataSource
+    import dataclasses
+    import os
+
+    from moma.pipeline.loader.loader import DataSource
     from moma.pipeline.training.engine import configure_accelerator
 
     configure_accelerator()
-    from moma.pipeline.training.evaluate import evaluate, heldout_batches, load_for_eval, model_forward
+    from moma.pipeline.training.evaluate import (
+        evaluate,
+        heldout_batches,
+        load_for_eval,
+        model_forward,
+        nonfinite_to_null,
+    )
+    from moma.pipeline.training.export import nonfinite_tensors
 
-    model, vocab = load_for_eval(args.model)
-    seq = args.seq_len or min(model.cfg.max_seq_len, 512)
+    model, vocab, run = load_for_eval(args.model)
+    if not run.recorded:
+        print(f"moma: warning: {args.model} records no data settings (an export from before they were recorded): "
+              f"default loader settings, batch size 4; the figure may differ from training's", file=sys.stderr)
+    data = dataclasses.replace(run.data, seq_len=args.seq_len or run.data.seq_len)
+    batch_size = args.batch_size or run.batch_size
     sources = tuple(DataSource.parse(d) for d in args.data)
-    batches = heldout_batches(DataConfig(sources=sources, seq_len=seq), sources, vocab, args.batch_size,
-                              args.batches)
-    result = evaluate(model_forward(model), batches, args.routing)
-    import os
-
-    if os.environ.get("RANK", "0") == "0":  # under a launcher every rank computes the same: one line
-        print(json.dumps({"model": str(args.model), "routing": args.routing, "seq_len": seq,
-                          "batch_size": args.batch_size, **result}))
+    batches = heldout_batches(data, sources, vocab, batch_size, args.batches)
+    result, bad = nonfinite_to_null(evaluate(model_forward(model), batches, args.routing))
+    if os.environ.get("RANK", "0") != "0":  # under a launcher every rank computes the same: one line
+        return 1 if bad else 0
+    print(json.dumps({"model": str(args.model), "routing": args.routing, "seq_len": data.seq_len,
+                      "batch_size": batch_size,
+                      "whole_set": args.batches is None or len(batches) < args.batches, **result}))
+    if bad:
+        tensors = nonfinite_tensors(model)
+        print(f"moma: warning: {', '.join(bad)} not finite (null above)"
+              + (f": {len(tensors)} weight tensors hold NaN or inf (first: {tensors[0]})" if tensors else ""),
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -520,7 +559,13 @@ def _experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-tokenizer", required=True, help="the BPE the shards were built with")
     p.add_argument("--image-tokenizer", required=True, help="the image tokenizer the shards were built with")
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; dense is always included")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated FFN variants, each optionally with ModelConfig overrides of its own "
+                        "(moma_4t4i+router_rank=softmax+router_assign=balanced); dense is always included")
+    p.add_argument("--model-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="ModelConfig overrides for every run, dense included (an ablation: block_norm=swin)")
+    p.add_argument("--dense-budgets", default=None,
+                   help="comma-separated multiples of the scale's steps dense trains at (default: the scale's)")
     p.add_argument("--seeds", type=int, default=None, help="default: the scale's (cpu: 2)")
     p.add_argument("--variant-budgets", default="1",
                    help="comma-separated multiples of the scale's steps each variant trains at (dense too), e.g. 1,4")
@@ -535,12 +580,25 @@ def _cmd_flops_savings(args: argparse.Namespace) -> int:
     inputs = ExperimentInputs(data=tuple(DataSource.parse(d) for d in args.data),
                               eval_data=tuple(DataSource.parse(d) for d in args.eval_data),
                               text_tokenizer=args.text_tokenizer, image_tokenizer=args.image_tokenizer)
-    try:
-        budgets = [float(m) for m in args.variant_budgets.split(",") if m]
-    except ValueError:
-        raise ValueError(f"--variant-budgets: numbers separated by commas, got {args.variant_budgets!r}") from None
+    import yaml
+
+    def multiples(flag: str, text: str) -> list[float]:
+        try:
+            return [float(m) for m in text.split(",") if m]
+        except ValueError:
+            raise ValueError(f"{flag}: numbers separated by commas, got {text!r}") from None
+
+    model_set = {}
+    for item in args.model_set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--model-set: FIELD=VALUE, got {item!r}")
+        model_set[key] = yaml.safe_load(value)
     run_experiment(inputs, args.scale, args.out, [v for v in args.variants.split(",") if v], args.seeds,
-                   command="moma " + " ".join(sys.argv[1:]), variant_budgets=budgets)
+                   command="moma " + " ".join(sys.argv[1:]),
+                   variant_budgets=multiples("--variant-budgets", args.variant_budgets),
+                   dense_budgets=multiples("--dense-budgets", args.dense_budgets) if args.dense_budgets else None,
+                   model_set=model_set)
     return 0
 
 

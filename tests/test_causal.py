@@ -27,9 +27,13 @@ def mixed_ids(b: int = 2, t: int = 32, seed: int = 0) -> torch.Tensor:
     return ids
 
 
+MODES = [{}, {"router_rank": "softmax"}, {"router_rank": "softmax", "router_assign": "balanced"}]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "+".join(m.values()) or "paper")
 @pytest.mark.parametrize("ffn", ["moma_4t4i", "moma_4t4i_mod", "dense_mod"])
-def test_causal_logits_at_t_do_not_depend_on_later_tokens(ffn: str) -> None:
-    model = build_model(small(ffn), seed=3).eval()
+def test_causal_logits_at_t_do_not_depend_on_later_tokens(ffn: str, mode: dict[str, str]) -> None:
+    model = build_model(small(ffn, **mode), seed=3).eval()
     a = mixed_ids()
     b = a.clone()
     t = 13
@@ -44,10 +48,12 @@ def test_causal_logits_at_t_do_not_depend_on_later_tokens(ffn: str) -> None:
     assert model(one, routing=model.routing(one, mode="causal")).logits.shape[1] == 1
 
 
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "+".join(m.values()) or "paper")
 @pytest.mark.parametrize("ffn", ["moma_4t4i", "moma_4t4i_mod"])
-def test_auxiliary_routers_learn_expert_choices_selections_with_the_main_model_frozen(ffn: str) -> None:
+def test_auxiliary_routers_learn_expert_choices_selections_with_the_main_model_frozen(ffn: str,
+                                                                                       mode: dict[str, str]) -> None:
     torch.manual_seed(0)
-    model = build_model(small(ffn), seed=5)
+    model = build_model(small(ffn, **mode), seed=5)
     aux = [p for n, p in model.named_parameters() if "causal_routers" in n]
     for n, p in model.named_parameters():
         p.requires_grad_("causal_routers" in n)

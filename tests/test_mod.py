@@ -68,13 +68,34 @@ def test_mod_variants_train(ffn: str) -> None:
 
 def test_the_accounting_counts_what_mod_skips() -> None:
     for size in ("tiny", "90m"):
-        plain, mod = count(preset(size, ffn="moma_4t4i")), count(preset(size, ffn="moma_4t4i_mod"))
+        same_depth = preset(size, ffn="moma_4t4i_mod", match_mod_depth=False)
+        plain, mod = count(preset(size, ffn="moma_4t4i")), count(same_depth)
         with torch.device("meta"):
-            n = sum(p.numel() for p in Transformer(preset(size, ffn="moma_4t4i_mod")).parameters())
+            n = sum(p.numel() for p in Transformer(same_depth).parameters())
         assert n == mod.total_params  # the routers' parameters, every one
         # half the layers see a quarter of the tokens: fewer FLOPs, but more than the plain model's half
         assert 0.5 * plain.flops_per_token["text"] < mod.flops_per_token["text"] < plain.flops_per_token["text"]
         assert mod.active_params["image"] < plain.active_params["image"]
+
+
+def test_mod_variants_are_flops_matched_to_dense_by_depth_as_in_the_papers_table_1() -> None:
+    from moma.pipeline.model.accounting import mod_matched_depth
+
+    # the paper's Table 1 adds layers: 90m 8 -> 14, 435m 24 -> 40 (1.4b: 40 by the same rule)
+    assert {size: preset(size, ffn="moma_4t4i_mod").n_layers for size in ("90m", "435m", "1.4b")} == \
+        {"90m": 14, "435m": 40, "1.4b": 40}
+    for size in ("tiny", "90m", "435m", "1.4b"):
+        for ffn in ("moma_4t4i_mod", "dense_mod", "moe_8x_mod"):
+            mod, plain = preset(size, ffn=ffn), preset(size, ffn=ffn.removesuffix("_mod"))
+            ratio = count(mod).flops_per_token["image"] / count(plain).flops_per_token["image"]
+            if size != "tiny":
+                assert abs(ratio - 1) < 0.02, (size, ffn, ratio)
+            # the nearest even depth: two layers more or fewer are further from dense's FLOPs
+            for other in (mod.n_layers - 2, mod.n_layers + 2):
+                alt = count(preset(size, ffn=ffn, n_layers=other, match_mod_depth=False)).flops_per_token["image"]
+                assert abs(alt / count(plain).flops_per_token["image"] - 1) >= abs(ratio - 1)
+    assert preset("90m", ffn="moma_4t4i_mod", match_mod_depth=False).n_layers == 8  # as given
+    assert mod_matched_depth(preset("90m", ffn="moma_4t4i")) == 8  # nothing to match without MoD
 
 
 def test_bad_mod_settings_are_refused() -> None:

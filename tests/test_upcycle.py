@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -51,16 +52,26 @@ def mixed_model(ffn: str, **kw: object):
 
 # --- on one process ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("source", "target"), [("moma_1t1i", "moma_4t4i"), ("moma_1t1i", "moma_2t4i"),
-                                                 ("moma_1t1i_mod", "moma_4t4i_mod")])
-def test_upcycled_model_has_the_1t1i_function(source: str, target: str) -> None:
+MODES = [("sigmoid", "topk"), ("softmax", "topk"), ("softmax", "balanced"), ("sigmoid", "balanced")]
+
+
+@pytest.mark.parametrize(("rank", "assign"), MODES)
+@pytest.mark.parametrize(("source", "target", "seq"), [("moma_1t1i", "moma_4t4i", 33), ("moma_1t1i", "moma_2t4i", 33),
+                                                        ("moma_1t1i_mod", "moma_4t4i_mod", 33),
+                                                        ("moma_1t1i", "moma_4t4i", 30)])
+def test_upcycled_model_has_the_1t1i_function(source: str, target: str, seq: int, rank: str, assign: str) -> None:
+    """In every routing mode where the zero router's ties split the tokens once each. With counts
+    that do not divide by the experts (seq 30: 32 text, 26 image inputs over 4 experts) top-k's
+    ceil() gives the remainder to two copies, so there only `balanced` is exact."""
+    if seq != 33 and assign == "topk":
+        pytest.skip("top-k at capacity factor 1 takes ceil(b/E) per expert: the remainder goes to two copies")
     src_cfg = mixed_model(source)
     src = build_model(src_cfg, seed=3)
     state = {k: v.detach().clone() for k, v in src.state_dict().items()}
-    dst_cfg = upcycled_config(src_cfg, target)
+    dst_cfg = dataclasses.replace(upcycled_config(src_cfg, target), router_rank=rank, router_assign=assign)
     dst = build_model(dst_cfg, seed=4)
     dst.load_state_dict(upcycle_state(state, dst_cfg), strict=True)
-    ids = split_batch(320, 256, seed=0)
+    ids = split_batch(320, 256, seed=0, seq=seq)
     src.train(), dst.train()
     with torch.no_grad():
         la, lb = src(ids[:, :-1]).logits, dst(ids[:, :-1]).logits
@@ -224,3 +235,26 @@ def test_bad_upcycling_input_is_refused_before_launch(runs: dict[str, Path], tmp
     check = moma("train", str(runs["m4_config"]), "model.ffn=moma_3t4i", f"init_from={tmp_path / 'three'}",
                  "--check", "--world-size", "2")
     assert check.returncode == 2 and "3" in check.stderr and "expert-parallel" in check.stderr, check.stderr
+
+
+def test_router_noise_defaults_on_when_continuing_from_an_upcycled_model(runs: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """The paper (§2.5) trains an upcycled model with router noise: on unless the run sets it; only
+    for `moma upcycle`'s output (a plain export gets none)."""
+    import yaml
+
+    from moma.pipeline.training.run_plan import UPCYCLED_ROUTER_NOISE, model_config, run_vocab
+
+    tree = yaml.safe_load(runs["m4_config"].read_text())
+    del tree["model"]["overrides"]["router_noise"]
+    path = write_config(tree, tmp_path / "m4_default.yaml")
+
+    def noise(*overrides: str) -> float:
+        cfg = load_config(str(path), list(overrides))
+        return model_config(cfg, run_vocab(cfg)).router_noise
+
+    assert noise() == UPCYCLED_ROUTER_NOISE == 1.0
+    assert noise("model.overrides.router_noise=0") == 0.0  # the user's choice wins
+    assert noise("model.overrides.router_noise=0.5") == 0.5
+    assert noise("model.overrides.moe_dispatch=deepspeed") == 0.0  # no noise where it does not apply
+    assert noise(f"init_from={runs['m1_export']}", "model.ffn=moma_1t1i") == 0.0  # not an upcycled model

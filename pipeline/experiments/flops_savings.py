@@ -40,11 +40,30 @@ import yaml
 
 from moma.pipeline.config_parsing import ConfigError
 from moma.pipeline.loader.loader import DataSource
+from moma.pipeline.model.config import FFN_VARIANTS as VARIANTS
 from moma.tokenizers.fileio import write_json_atomic
 
 MODALITIES = ("all", "text", "image")
 LOSS_KEY = {"all": "loss", "text": "loss_text", "image": "loss_image"}
-VARIANTS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i", "moma_4t4i_mod")
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """`FFN[+field=value...]` -> (FFN variant, ModelConfig overrides as YAML strings): a variant of
+    an ablation, e.g. `moma_4t4i+router_rank=softmax+router_assign=balanced`."""
+    from moma.pipeline.model.config import parse_ffn
+
+    ffn, *sets = variant.split("+")
+    try:
+        parse_ffn(ffn)
+    except ValueError as e:
+        raise ConfigError(f"--variants {variant!r}: {e}") from None
+    overrides = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--variants {variant!r}: {item!r} is not field=value")
+        overrides[key] = value
+    return ffn, overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +93,11 @@ SCALES: dict[str, Scale] = {
     # tokens per step, 300 steps = 1.2 M tokens per variant run; dense up to 4x that
     "cpu": Scale(preset="tiny", model={}, seq_len=256, micro_batch=8, steps=300, dense_multipliers=(0.5, 1, 2, 4),
                  warmup_steps=30, lr=2e-3, eval_batches=16, seeds=2, ranks=2, checkpoint_every=150),
+    # the ordering at 16 M tokens per run (2,000 steps of 8,192 tokens), the tiny width; about 20 min
+    # per 1x run here, so the whole grid takes several hours: run it in the background (resumable)
+    "cpu-long": Scale(preset="tiny", model={}, seq_len=256, micro_batch=16, steps=2000,
+                      dense_multipliers=(0.5, 1, 2), warmup_steps=100, lr=2e-3, eval_batches=32, seeds=2, ranks=2,
+                      checkpoint_every=500),
     # one H200 in about 8 minutes (jobs/gpu/flops_savings.sh): a 90m-class width at a short budget
     "gpu": Scale(preset="90m", model=dict(n_layers=4), seq_len=1024, micro_batch=16, steps=300,
                  dense_multipliers=(0.5, 1, 2, 4), warmup_steps=40, lr=1e-3, eval_batches=16, seeds=1, ranks=1,
@@ -102,10 +126,10 @@ class ExperimentInputs:
 
 
 def plan_runs(scale: Scale, variants: Sequence[str], seeds: int,
-              variant_budgets: Sequence[float] = (1,)) -> list[RunSpec]:
-    """Dense at every budget multiplier (and every variant budget), each other variant at each of
-    `variant_budgets` (default: 1x); every point at every seed."""
-    dense = sorted({*scale.dense_multipliers, *variant_budgets})
+              variant_budgets: Sequence[float] = (1,), dense_budgets: Sequence[float] | None = None) -> list[RunSpec]:
+    """Dense at every budget multiplier (the scale's, or `dense_budgets`; and every variant budget),
+    each other variant at each of `variant_budgets` (default: 1x); every point at every seed."""
+    dense = sorted({*(scale.dense_multipliers if dense_budgets is None else dense_budgets), *variant_budgets})
     runs = []
     for seed in range(seeds):
         runs += [RunSpec("dense", m, seed, max(1, round(scale.steps * m))) for m in dense]
@@ -114,20 +138,25 @@ def plan_runs(scale: Scale, variants: Sequence[str], seeds: int,
     return runs
 
 
-def run_tree(scale: Scale, inputs: ExperimentInputs, run: RunSpec, out: Path) -> dict[str, Any]:
-    """The `moma train` config of one run."""
+def run_tree(scale: Scale, inputs: ExperimentInputs, run: RunSpec, out: Path,
+             model_set: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `moma train` config of one run. `model_set`: ModelConfig overrides for every run of the
+    experiment, dense included (e.g. block_norm=swin); a variant's own come after them."""
     from moma.pipeline.model.config import parse_ffn
 
-    spec = parse_ffn(run.variant)
+    ffn, own = parse_variant(run.variant)
+    spec = parse_ffn(ffn)
     experts = [n for _, n in spec.groups] if spec.learned_routing else []
     ep = 2 if experts and scale.ranks % 2 == 0 and all(n % 2 == 0 for n in experts) else 1
     return {
         "run_dir": str(out / "runs" / run.name), "seed": run.seed, "max_steps": run.steps,
         "data": {"sources": [{"path": s.path, "weight": s.weight} for s in inputs.data],
-                 "eval_sources": [{"path": s.path} for s in inputs.eval_data],
+                 # weighted like training (shares of tokens), so "all" is the training mix's loss
+                 "eval_sources": [{"path": s.path, "weight": s.weight} for s in inputs.eval_data],
                  "seq_len": scale.seq_len, "num_workers": 1, "shuffle_buffer": 500},
         "tokenizers": {"text": inputs.text_tokenizer, "image": inputs.image_tokenizer},
-        "model": {"preset": scale.preset, "ffn": run.variant, "overrides": dict(scale.model)},
+        "model": {"preset": scale.preset, "ffn": ffn,
+                  "overrides": {**scale.model, **(model_set or {}), **{k: yaml.safe_load(v) for k, v in own.items()}}},
         "optim": {"lr": scale.lr},
         # the paper's schedule shape, over each run's own length: warmup, then linear decay to 1 %
         "schedule": {"warmup_steps": min(scale.warmup_steps, max(1, run.steps // 5)), "decay": "linear",
@@ -194,7 +223,9 @@ def collect_result(run_dir: Path, steps: int) -> dict[str, Any]:
         raise RuntimeError(f"{run_dir}: the run did not reach step {steps} with its held-out evaluation")
     speeds = [r["tokens_per_s"] for r in train[min(5, len(train) - 1):] if r.get("tokens_per_s")]
     return {"eval": {m: evals[-1][LOSS_KEY[m]] for m in MODALITIES}, "tokens": dict(train[-1]["tokens_seen"]),
-            "tokens_per_s": statistics.median(speeds) if speeds else None}
+            "tokens_per_s": statistics.median(speeds) if speeds else None,
+            # routing health at the end of training (rank 0's last logged micro-batch), per layer and group
+            "routing": train[-1].get("routing") or {}}
 
 
 # --- analysis ----------------------------------------------------------------------------------------
@@ -377,16 +408,19 @@ def plot(analysis: dict[str, Any], out: Path) -> list[Path]:
 # --- the command -------------------------------------------------------------------------------------
 
 def run_experiment(inputs: ExperimentInputs, scale_name: str, out: str | Path, variants: Sequence[str] = VARIANTS,
-                   seeds: int | None = None, command: str = "", variant_budgets: Sequence[float] = (1,)
+                   seeds: int | None = None, command: str = "", variant_budgets: Sequence[float] = (1,),
+                   dense_budgets: Sequence[float] | None = None, model_set: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """Every run (planned and checked first), then the analysis, report.md/json and the plots.
-    `variant_budgets`: multiples of the scale's steps each variant trains at (dense runs at each too)."""
+    `variant_budgets`: multiples of the scale's steps each variant trains at (dense runs at each too);
+    `dense_budgets`: dense's own multiples (default: the scale's); `model_set`: ModelConfig overrides
+    of every run (an ablation of an architecture choice keeps dense's curve under the same choice).
+    Variants may carry their own overrides: `moma_4t4i+router_rank=softmax`."""
     if scale_name not in SCALES:
         raise ConfigError(f"--scale must be one of {sorted(SCALES)}, got {scale_name!r}")
     scale = SCALES[scale_name]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    for v in variants:
+        parse_variant(v)
     if "dense" not in variants:
         variants = ["dense", *variants]  # the baseline every saving is measured against
     seeds = scale.seeds if seeds is None else seeds
@@ -394,11 +428,13 @@ def run_experiment(inputs: ExperimentInputs, scale_name: str, out: str | Path, v
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if not variant_budgets or any(m <= 0 for m in variant_budgets):
         raise ConfigError(f"--variant-budgets must be positive multiples of the scale's steps, got {variant_budgets}")
+    if dense_budgets is not None and (not dense_budgets or any(m <= 0 for m in dense_budgets)):
+        raise ConfigError(f"--dense-budgets must be positive multiples of the scale's steps, got {dense_budgets}")
     if not inputs.eval_data:
         raise ConfigError("--eval-data is required: savings are measured on held-out loss")
     out = Path(out).resolve()
-    runs = plan_runs(scale, variants, seeds, variant_budgets)
-    trees = {r.name: run_tree(scale, inputs, r, out) for r in runs}
+    runs = plan_runs(scale, variants, seeds, variant_budgets, dense_budgets)
+    trees = {r.name: run_tree(scale, inputs, r, out, model_set) for r in runs}
     models = check_runs(trees, scale.ranks)  # every config error before the first launch
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
@@ -426,8 +462,8 @@ def run_experiment(inputs: ExperimentInputs, scale_name: str, out: str | Path, v
               f"{ev['image']:.4f} in {res['seconds']:.0f} s (elapsed {(time.perf_counter() - start) / 60:.1f} min)",
               flush=True)
     analysis = analyse(results, runs, models, scale.seq_len)
-    meta = {"scale": scale_name, "seeds": seeds, "steps": scale.steps,
-            "dense_multipliers": sorted({*scale.dense_multipliers, *variant_budgets}),
+    meta = {"scale": scale_name, "seeds": seeds, "steps": scale.steps, "model_set": model_set or {},
+            "dense_multipliers": sorted({r.multiplier for r in runs if r.variant == "dense"}),
             "variant_budgets": list(variant_budgets),
             "tokens_per_step": scale.seq_len * scale.micro_batch * scale.ranks, "eval_batches": scale.eval_batches,
             "scale_settings": dataclasses.asdict(scale), "command": command,

@@ -185,13 +185,21 @@ FFN_VARIANTS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i", "moma_4t4i_mod")
 
 
 def preset(size: str, ffn: str = "moma_4t4i", vocab_size: int | None = None, image_offset: int | None = None,
-           **overrides: Any) -> ModelConfig:
-    """A named size with an FFN variant; vocab defaults to the size's default text + image split."""
+           match_mod_depth: bool = True, **overrides: Any) -> ModelConfig:
+    """A named size with an FFN variant; vocab defaults to the size's default text + image split.
+    A mixture-of-depths variant ("_mod") is made FLOPs-equal to the model without MoD by adding
+    layers, as the paper does (accounting.mod_matched_depth): its `n_layers` (the size's or the
+    override) is then the depth it matches; `match_mod_depth=False` takes n_layers as given."""
     if size not in SIZES:
         raise ValueError(f"unknown model preset {size!r}; choose one of {sorted(SIZES)}")
     if vocab_size is None:
         text, image = DEFAULT_VOCAB[size]
         vocab_size, image_offset = text + image, text
     fields = {**SIZES[size], **overrides}
-    return ModelConfig(vocab_size=vocab_size, image_offset=image_offset if image_offset is not None else vocab_size,
-                       ffn=ffn, **fields)
+    cfg = ModelConfig(vocab_size=vocab_size, image_offset=image_offset if image_offset is not None else vocab_size,
+                      ffn=ffn, **fields)
+    if match_mod_depth and cfg.ffn_spec.mod:
+        from moma.pipeline.model.accounting import mod_matched_depth
+
+        cfg = dataclasses.replace(cfg, n_layers=mod_matched_depth(cfg))
+    return cfg

@@ -35,6 +35,9 @@ class TokenizerConfig:
 class ModelSection:
     preset: str = "tiny"  # tiny | 90m | 435m | 1.4b
     ffn: str = "moma_4t4i"
+    # a "_mod" variant gets the depth that matches the FLOPs/token of the model without MoD at the
+    # preset's (or the overridden) n_layers, as the paper's Table 1; false: n_layers as given
+    match_mod_depth: bool = True
     # any ModelConfig field but those the tokenizers and `ffn` decide, typed against ModelConfig
     overrides: dict[str, Any] = fields_of("moma.pipeline.model.config:ModelConfig",
                                           exclude=("vocab_size", "image_offset", "pad_id", "ffn"))

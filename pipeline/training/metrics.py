@@ -72,6 +72,27 @@ def expert_load(model: Transformer) -> dict[str, dict[str, float]]:
     return out
 
 
+def routing_health(model: Transformer) -> dict[str, dict[str, float]]:
+    """Per MoE layer and group ("layer.group"), this rank's last logged micro-batch: the share of the
+    group's tokens taken by no expert ("0"), one ("1") and two or more ("2+"). Expert choice at
+    capacity factor 1 gives every token one expert on average; a growing "0" share means the experts
+    pick the same tokens (docs/design.md, routing health)."""
+    return {key: {"0": round(float(gate.last_stats["picked_0"]), 4), "1": round(float(gate.last_stats["picked_1"]), 4),
+                  "2+": round(float(gate.last_stats["picked_2plus"]), 4)}
+            for key, gate in model.moe_gates().items() if gate.last_stats}
+
+
+def no_expert_warning(health: dict[str, dict[str, float]], threshold: float) -> str | None:
+    """A one-line warning naming the layers and groups whose no-expert share passes `threshold`."""
+    bad = {k: v["0"] for k, v in health.items() if v["0"] > threshold}
+    if not bad:
+        return None
+    worst = ", ".join(f"{k} {v:.2f}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:4])
+    return (f"routing: {len(bad)} of {len(health)} layer groups leave more than {threshold:.0%} of their tokens "
+            f"to no expert ({worst}): the experts pick the same tokens; try model.overrides.router_rank=softmax "
+            f"or router_assign=balanced")
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20

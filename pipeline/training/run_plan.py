@@ -94,17 +94,36 @@ def model_config(cfg: TrainConfig, vocab: Vocab) -> ModelConfig:
     """The preset with the run's overrides (already typed against ModelConfig by the config tree)."""
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("max_seq_len", cfg.data.seq_len)
+    noise_applies = overrides.get("router", "expert_choice") == "expert_choice" and \
+        overrides.get("moe_dispatch", "moma") == "moma"
+    if cfg.init_from and "router_noise" not in overrides and noise_applies and _upcycled(cfg.init_from):
+        # the paper continues an upcycled model with Gumbel-sigmoid router noise (§2.5): its copied
+        # experts only become different through learning and noise; model.overrides.router_noise=0 to refuse
+        overrides["router_noise"] = UPCYCLED_ROUTER_NOISE
     if cfg.aux_routers_from:
         overrides["aux_routers"] = True
     try:
         return preset(cfg.model.preset, ffn=cfg.model.ffn, vocab_size=vocab.size, image_offset=vocab.image_offset,
-                      pad_id=vocab.pad_id, **overrides)
+                      pad_id=vocab.pad_id, match_mod_depth=cfg.model.match_mod_depth, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
 
+UPCYCLED_ROUTER_NOISE = 1.0  # the noise scale a run continuing from `moma upcycle` gets unless it sets one
+
+
+def _upcycled(init_from: str) -> bool:
+    """Whether `init_from` is `moma upcycle`'s output (its export.json says so)."""
+    info = Path(init_from) / "export.json"
+    try:
+        return "upcycled" in json.loads(info.read_text())
+    except (OSError, ValueError):
+        return False  # not a model directory: check_init_source says so, naming it
+
+
 # settings that change how a model is run or trained, not its weights
-RUN_SETTINGS = ("max_seq_len", "moe_dispatch", "router_noise", "router_noise_temperature")
+RUN_SETTINGS = ("max_seq_len", "moe_dispatch", "router_noise", "router_noise_temperature", "router_rank",
+                "router_assign")
 
 
 def _same_model(key: str, path: str, saved: dict[str, Any], model: ModelConfig, ignore: tuple[str, ...] = ()) -> None:

@@ -6,8 +6,9 @@ Per step: grad_accum micro-batches (forward, backward, engine.step), then on ran
 row: loss (all, text, image: summed over every rank's tokens), learning rate, grad norm, tokens/s,
 MFU, expert load per modality group, memory, and a digest of the documents the step saw. A
 non-finite loss on any rank skips that micro-batch on all ranks (no backward, no step) and is
-counted; too many in a row checkpoint and stop. SIGTERM / SIGUSR1 (preemption) finish the current
-step, checkpoint, and exit 0, so a requeued job resumes with --resume auto.
+counted; too many in a row checkpoint and stop. SIGTERM / SIGINT / SIGUSR1 (preemption, Ctrl-C; to a
+rank, a DataLoader worker, the launcher or the whole process group: training/stopping.py) finish the
+current step, checkpoint, and exit 0, so a requeued job resumes with --resume auto.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,8 +53,9 @@ from moma.pipeline.training.engine import (
     routing_for,
 )
 from moma.pipeline.training.evaluate import evaluate, heldout_batches
-from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb
+from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb, routing_health
 from moma.pipeline.training.run_plan import RunPlan, check_aux_source, plan_run
+from moma.pipeline.training.stopping import StopRequest
 from moma.tokenizers.fileio import write_json_atomic
 from moma.tokenizers.progress import progress as progress_bar
 from moma.tokenizers.progress import write as write_progress
@@ -75,18 +76,6 @@ def lr_lambda(cfg: TrainConfig):
         return 1.0 - (1.0 - s.min_lr_ratio) * progress
 
     return factor
-
-
-class _Stop:
-    """Preemption signals only set a flag; the ranks agree on it once per step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
 
 
 def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
@@ -177,6 +166,7 @@ def init_loader_states(directory: Path) -> list[dict[str, Any]] | None:
 
 def train(cfg: TrainConfig, resume: str | None = None) -> int:
     run_dir, ckpt_dir = Path(cfg.run_dir), cfg.checkpoint_dir
+    stop = StopRequest().install()  # before the slow setup: a signal then stops after the first step
     found = find_checkpoint(resume, ckpt_dir)
     plan, info, engine, ep_rank = setup_engine(cfg, resuming=found is not None)
     if info.is_main:
@@ -198,7 +188,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> int:
                           world_size=plan.world_size, vocab=plan.vocab, consumer=f"{run_dir}/config.yaml",
                           state=loader_state)
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    code = _loop(cfg, plan, engine, loader, progress, end, info, ep_rank)
+    code = _loop(cfg, plan, engine, loader, progress, end, info, ep_rank, stop)
     dist.barrier()
     return code
 
@@ -277,10 +267,10 @@ def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
 
 
 def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, progress: Progress, end: int,
-          info: Any, ep_rank: int) -> int:
+          info: Any, ep_rank: int, stop: StopRequest | None = None) -> int:
     device, gas = info.device, cfg.parallel.grad_accum
     writer = MetricsWriter(Path(cfg.run_dir), cfg.logging.tensorboard) if info.is_main else None
-    stop = _Stop()
+    stop = stop or StopRequest().install()
     acc = plan.accounting
     bar = progress_bar(total=end, initial=progress.step, desc="train", disable=not info.is_main,
                        every_s=cfg.logging.progress_seconds)
@@ -351,7 +341,8 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
                         if cfg.logging.peak_flops else None),
                 "step_seconds": round(seconds, 4), "tokens_seen": progress.tokens,
                 "nonfinite_skipped": progress.nonfinite_skipped, "bad_data": loader.bad_counts(),
-                "expert_load": expert_load(engine.module), "memory_mb": round(memory_mb(device), 1),
+                "expert_load": expert_load(engine.module), "routing": routing_health(engine.module),
+                "memory_mb": round(memory_mb(device), 1),
                 "docs_digest": hashlib.sha1("".join(digests).encode()).hexdigest()[:16],
             }
             if cfg.aux_routers_from:
