@@ -132,9 +132,10 @@ class KVCache:
 
 class Block(nn.Module):
     """Attention + FFN, pre-norm or Swin-style post-norm (`cfg.block_norm`). A mixture-of-depths
-    layer (MoD, "_mod" variants, alternating layers from 0) runs the block on the top mod_capacity of each sequence's tokens by a router over all its
-    tokens (before the modality split); the others skip it on the residual stream, and a kept token's
-    block output is scaled by its router weight sigmoid(logit), which trains the router."""
+    layer (MoD, "_mod" variants, alternating layers from 0) runs the block on the top mod_capacity of
+    each sequence's tokens by a router over all its tokens (before the modality split); the others
+    skip it on the residual stream, and a kept token's block output is scaled by its router weight
+    sigmoid(logit), which trains the router."""
 
     def __init__(self, cfg: ModelConfig, ep_size: int, index: int = 0) -> None:
         super().__init__()
