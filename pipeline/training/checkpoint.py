@@ -8,15 +8,22 @@ only ever names a complete checkpoint, and an optional layout-free "universal" c
                                     that rank: nothing is gathered; tensors, lists and ints only)
     ckpt/global_step200/universal/  rank*.safetensors: every parameter under its global
                                     name with fp32 value and Adam moments (see `checkpoint.universal`)
-    ckpt/global_step200/complete    JSON (step, write time, layout), written after every rank's files
-                                    are on disk (fsynced, with their directories)
+    ckpt/global_step200/complete    JSON (step, write time, layout, and every file's size and CRC-32),
+                                    written after every rank's files are on disk (fsynced, with their
+                                    directories)
     ckpt/latest                     the tag, written atomically after `complete`
 
 * A tag is never reused: saving step 200 again after a rollback writes `global_step200-v2`; the
   checkpoints are ordered by write time, not by step, for keep-K and for `--resume auto`, and
   `latest`'s target is never deleted.
 * `--resume auto` takes `latest`; when it is missing or names a checkpoint that is not complete, the
-  newest complete checkpoint (by write time), with a warning naming what was wrong.
+  newest complete checkpoint (by write time), with a warning naming what was wrong. `latest` naming
+  anything but a directory of its own folder is refused, naming it.
+* Integrity: every file's CRC-32 is computed at save (each rank a share, from the page cache) and
+  recorded in `complete`; before a checkpoint is read every file is checked (`verify_files`; in
+  `moma train` each rank checks a share). A damaged file (torch.load does not check its zip CRCs,
+  so a flipped bit in a tensor would load silently) refuses that checkpoint, naming the file;
+  `--resume auto` then falls back to the previous complete one, with a warning.
 * Same world size and expert-parallel size: DeepSpeed's `load_checkpoint` (exact). Another layout:
   DeepSpeed's MoE path fails (its issue #5716; `ds_to_universal` fails for ep > 1), so a fresh engine
   is filled from the universal copy, each rank reading (memory-mapped) only the tensors it owns.
@@ -39,6 +46,9 @@ import random
 import re
 import shutil
 import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +68,7 @@ UNIVERSAL = "universal"
 CLIENT = "client"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 UNIVERSAL_POLICIES = ("final", "always", "never")
+CHECKSUM = "crc32"  # per file: detects every burst error up to 32 bits; ~1.5 GB/s per core (zlib)
 _TAG = re.compile(r"^global_step(\d+)(?:-v(\d+))?$")
 
 
@@ -152,8 +163,9 @@ def complete_info(tag_dir: Path) -> dict[str, Any] | None:
 def checkpoints(ckpt_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     """Complete checkpoints, oldest write first."""
     found = []
+    root = ckpt_dir.resolve()
     for p in ckpt_dir.glob("global_step*"):
-        info = complete_info(p) if p.is_dir() else None
+        info = complete_info(p) if p.is_dir() and p.resolve().parent == root else None  # no links elsewhere
         if info is not None:
             found.append((p.name, info))
     return sorted(found, key=lambda t: (t[1]["saved_at_ns"], t[0]))
@@ -172,43 +184,188 @@ def new_tag(ckpt_dir: Path, step: int) -> str:
     return tag
 
 
-def find_checkpoint(resume: str | None, ckpt_dir: Path, flag: str = "--resume") -> tuple[Path, str] | None:
+Check = Callable[[Path], list[str]]
+
+
+def find_checkpoint(resume: str | None, ckpt_dir: Path, flag: str = "--resume",
+                    check: Check | None = None, verify: bool = True) -> tuple[Path, str] | None:
     """--resume auto: `latest` if it names a complete checkpoint, else (warning) the newest complete
-    one, else None; --resume PATH: that checkpoint (a tag directory, or a directory with `latest`)."""
+    one, else None; --resume PATH: that checkpoint (a tag directory, or a directory with `latest`).
+    `verify`: every file against its recorded checksum (`check`: how; default `verify_files` on this
+    process); a damaged checkpoint is refused naming the file, or with auto (and a checkpoint
+    directory) the previous complete one is taken, with a warning."""
     if resume is None:
         return None
     if resume == "auto":
-        return _latest_or_newest(ckpt_dir, required=False)
+        return _choose(ckpt_dir, required=False, check=(check or verify_files) if verify else None)
     path = Path(resume)
     if (path / COMPLETE).exists():
+        if verify:
+            problems = (check or verify_files)(path)
+            if problems:
+                raise CheckpointError(f"{flag} {resume}: refusing a damaged checkpoint: {problems[0]}")
         return path.parent, path.name
     if path.is_dir() and ((path / LATEST).exists() or checkpoints(path)):
-        return _latest_or_newest(path, required=True)
+        return _choose(path, required=True, check=(check or verify_files) if verify else None)
     raise CheckpointError(f"{flag} {resume}: no checkpoint there: neither a checkpoint directory with '{LATEST}' "
                           f"nor a complete checkpoint (a global_step* directory with '{COMPLETE}')")
 
 
-def _latest_or_newest(ckpt_dir: Path, required: bool) -> tuple[Path, str] | None:
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    print(f"warning: {message}", flush=True)
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names (None: no `latest`); refused when it is not a directory of `ckpt_dir`
+    itself (a path, `..`, or a link leading elsewhere): a checkpoint folder only points into itself."""
     latest = ckpt_dir / LATEST
-    problem = None
-    if latest.exists():
-        tag = latest.read_text().strip()
-        if complete_info(ckpt_dir / tag) is not None:
-            return ckpt_dir, tag
-        problem = (f"{latest} names {tag!r}, which is " +
-                   ("not complete (a save that was cut short)" if (ckpt_dir / tag).exists() else "missing"))
-    complete = checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
-    if problem is None and complete:
-        problem = f"{latest} is missing"
-    if not complete:
-        if problem or required:
-            raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from" +
-                                  (f" ({problem})" if problem else ""))
+    if not latest.exists():
         return None
-    tag = complete[-1][0]
-    log.warning("%s; resuming from the newest complete checkpoint instead: %s", problem, ckpt_dir / tag)
-    print(f"warning: {problem}; resuming from the newest complete checkpoint instead: {ckpt_dir / tag}", flush=True)
-    return ckpt_dir, tag
+    tag = latest.read_text().strip()
+    inside = (bool(tag) and tag not in (".", "..") and "/" not in tag and "\\" not in tag
+              and (ckpt_dir / tag).resolve().parent == ckpt_dir.resolve())
+    if not inside:
+        raise CheckpointError(f"{latest} names {tag!r}, which is not a checkpoint directory of {ckpt_dir} "
+                              f"(it leads to {(ckpt_dir / tag).resolve()}): refusing it; point it at one of "
+                              f"{ckpt_dir}'s own global_step* directories or remove it")
+    return tag
+
+
+def _choose(ckpt_dir: Path, required: bool, check: Check | None) -> tuple[Path, str] | None:
+    """`latest`'s target, else the newest complete checkpoint; with `check`, the first intact one of
+    those (then the older complete ones, newest first)."""
+    latest = ckpt_dir / LATEST
+    tag = read_latest(ckpt_dir)
+    problem = None
+    complete = checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+    order = [t for t, _ in reversed(complete)]
+    if tag is not None:
+        if complete_info(ckpt_dir / tag) is not None:
+            order = [tag, *(t for t in order if t != tag)]
+        else:
+            problem = (f"{latest} names {tag!r}, which is " +
+                       ("not complete (a save that was cut short)" if (ckpt_dir / tag).exists() else "missing"))
+    elif complete:
+        problem = f"{latest} is missing"
+    damaged = []
+    for i, candidate in enumerate(order):
+        problems = check(ckpt_dir / candidate) if check is not None else []
+        if problems:
+            damaged.append(problems[0])
+            _warn(f"{ckpt_dir / candidate} is damaged ({problems[0]}); trying the previous complete checkpoint")
+            continue
+        if i > 0 or problem:
+            what = "; ".join(filter(None, [problem, *damaged]))
+            _warn(f"{what}; resuming from the newest {'intact ' if damaged else ''}complete checkpoint instead: "
+                  f"{ckpt_dir / candidate}")
+        return ckpt_dir, candidate
+    if problem or required or damaged:
+        what = "; ".join(filter(None, [problem, *damaged]))
+        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from" + (f" ({what})" if what else ""))
+    return None
+
+
+# --- integrity: every file's size and CRC-32 in `complete` -------------------------------------------
+
+def _file_list(tag_dir: Path) -> list[tuple[str, int]]:
+    """Every file below a checkpoint directory but `complete` (relative path, bytes), sorted."""
+    out = []
+    for root, _, files in os.walk(tag_dir):
+        for name in files:
+            path = Path(root) / name
+            rel = path.relative_to(tag_dir).as_posix()
+            if rel != COMPLETE and not name.endswith(".tmp"):
+                out.append((rel, path.stat().st_size))
+    return sorted(out)
+
+
+def _share(files: list[tuple[str, int]], rank: int, world: int) -> list[str]:
+    """This rank's files: largest first, each to the least loaded rank (the same answer on every
+    rank, which all see the same listing)."""
+    load = [0] * world
+    mine = []
+    for name, size in sorted(files, key=lambda f: (-f[1], f[0])):
+        r = load.index(min(load))
+        load[r] += size
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
+def crc32_file(path: Path, chunk: int = 16 << 20) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)  # releases the GIL: threads hash files in parallel
+    return f"{crc:08x}"
+
+
+def _threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def file_checksums(tag_dir: Path, rank: int = 0, world: int = 1) -> dict[str, list[Any]]:
+    """{relative path: [bytes, crc32]} of this rank's share of the checkpoint's files."""
+    files = dict(_file_list(tag_dir))
+    names = _share(list(files.items()), rank, world)
+    with ThreadPoolExecutor(_threads()) as pool:
+        crcs = list(pool.map(lambda n: crc32_file(tag_dir / n), names))
+    return {n: [files[n], c] for n, c in zip(names, crcs)}
+
+
+def gather_checksums(tag_dir: Path) -> dict[str, list[Any]]:
+    """Collective (every rank, after every rank's files are written): every file's checksum, each
+    rank hashing a share; rank 0 gets them all (others: {})."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = file_checksums(tag_dir, rank, world)
+    if world == 1:
+        return mine
+    out: list[Any] = [None] * world
+    dist.gather_object(mine, out if rank == 0 else None, dst=0)
+    if rank != 0:
+        return {}
+    merged = {k: v for part in out for k, v in part.items()}
+    for name, _ in _file_list(tag_dir):  # a file another node could not see: hash it here
+        if name not in merged:
+            merged[name] = [(tag_dir / name).stat().st_size, crc32_file(tag_dir / name)]
+    return dict(sorted(merged.items()))
+
+
+def verify_files(tag_dir: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with this rank's share of the checkpoint's files against `complete` (one line
+    each, naming the file; [] when intact, or when it predates checksums)."""
+    info = complete_info(tag_dir) or {}
+    recorded = info.get("files")
+    if not isinstance(recorded, dict):
+        return []
+    names = _share([(n, int(v[0])) for n, v in recorded.items()], rank, world)
+
+    def check(name: str) -> str | None:
+        path = tag_dir / name
+        size, crc = recorded[name]
+        try:
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{path}: {actual} bytes, {COMPLETE} records {size}"
+            got = crc32_file(path)
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
+        return None if got == crc else f"{path}: {CHECKSUM} {got}, {COMPLETE} records {crc} (the file is damaged)"
+
+    with ThreadPoolExecutor(_threads()) as pool:
+        return [p for p in pool.map(check, names) if p]
+
+
+def verify_files_collective(tag_dir: Path) -> list[str]:
+    """Collective: every rank checks a share; every rank gets every problem (so all choose alike)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = verify_files(tag_dir, rank, world)
+    if world == 1:
+        return mine
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, mine)
+    return sorted(p for part in out for p in part)
 
 
 # --- the model-states file and each rank's own state ------------------------------------------------
