@@ -175,3 +175,33 @@ def test_every_mode_trains_a_step_with_gradients_to_the_routers(rank: str, assig
 def out_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids[:, :-1]).logits
+
+
+def test_routing_health_per_layer_and_the_no_expert_warning() -> None:
+    from moma.pipeline.training.metrics import RoutingWatch, routing_health
+
+    def health(**mode: str) -> dict[str, dict[str, float]]:
+        model = build_model(small("moma_4t4i", n_layers=3, **mode), seed=0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():  # the collapse: every expert of a group has one row
+                if name.endswith("gate.wg.weight"):
+                    p.copy_(p[:1].expand_as(p))
+            ids = mixed_ids(4, 24, seed=2)
+            model(ids, routing=model.routing(ids, collect_stats=True))
+        return routing_health(model)
+
+    collapsed = health()
+    assert sorted(collapsed) == [f"{layer}.{group}" for layer in range(3) for group in ("image", "text")]
+    # 40 image tokens over 4 experts of 10: all take the same 10, so 30 of 40 go to none
+    assert collapsed["0.image"] == {"0": 0.75, "1": 0.0, "2+": 0.25}
+    assert all(sum(v.values()) == pytest.approx(1.0) for v in collapsed.values())
+    balanced = health(router_assign="balanced")
+    assert all(v == {"0": 0.0, "1": 1.0, "2+": 0.0} for v in balanced.values())
+
+    watch = RoutingWatch(threshold=0.5, every=100)
+    first = watch.check(10, collapsed)
+    assert first and "6 of 6 layer groups" in first and "router_rank=softmax" in first
+    assert watch.check(50, collapsed) is None  # not again within 100 steps
+    assert watch.check(110, collapsed) is not None
+    assert RoutingWatch(0.5).check(10, balanced) is None
+    assert RoutingWatch(1.0).check(10, collapsed) is None  # 1 disables it

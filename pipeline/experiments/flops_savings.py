@@ -266,6 +266,16 @@ def dense_flops_to_reach(curve: list[tuple[float, float]], loss: float) -> tuple
     return math.exp(x0 + (x1 - x0) * (loss - y0) / (y1 - y0)), True
 
 
+def no_expert_share(routings: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Routing health of a point: per group, the share of its tokens no expert took at the end of
+    training, averaged over layers and seeds ({} without learned routing)."""
+    by_group: dict[str, list[float]] = {}
+    for routing in routings:
+        for key, shares in routing.items():
+            by_group.setdefault(key.split(".", 1)[1], []).append(shares["0"])
+    return {g: statistics.fmean(v) for g, v in sorted(by_group.items())}
+
+
 def analyse(results: dict[str, dict[str, Any]], runs: list[RunSpec], models: dict[str, Any],
             seq_len: int) -> dict[str, Any]:
     """Seeds averaged per point, dense's curve per modality, each variant's savings on it."""
@@ -294,7 +304,8 @@ def analyse(results: dict[str, dict[str, Any]], runs: list[RunSpec], models: dic
                 "loss": {m: statistics.fmean(r["eval"][m] for r in rs) for m in MODALITIES},
                 "loss_by_seed": {m: [r["eval"][m] for r in rs] for m in MODALITIES},
                 "spread": {m: _spread([r["eval"][m] for r in rs]) for m in MODALITIES},
-                "tokens_per_s": statistics.fmean(speeds) if speeds else None}
+                "tokens_per_s": statistics.fmean(speeds) if speeds else None,
+                "no_expert": no_expert_share([r.get("routing") or {} for r in rs])}
 
     dense = [summary("dense", m) for m in sorted({m for v, m in points if v == "dense"})]
     curves = {m: sorted((p["flops"][m], p["loss"][m]) for p in dense) for m in MODALITIES}
@@ -337,6 +348,10 @@ def _saving(s: dict[str, Any]) -> str:
     return f"{s['factor']:.2f}x" + (" (extrapolated)" if s["extrapolated"] else "")
 
 
+def _share(shares: dict[str, float]) -> str:
+    return " / ".join(f"{g} {v:.2f}" for g, v in shares.items()) or "-"
+
+
 def _loss(s: dict[str, Any], m: str) -> str:
     return f"{s['loss'][m]:.4f}" + (f" ± {s['spread'][m]:.4f}" if s["seeds"] > 1 else "")
 
@@ -349,17 +364,19 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
              f"loss in nats/token ({meta['eval_batches']} batches of the eval shards, mean ± half the seed range). "
              "Savings: dense FLOPs to reach the variant's loss / the variant's FLOPs, interpolated in log FLOPs "
              "on dense's finished runs; \"no difference\": inside the seed spreads.", "",
-             "| variant | params total | active (text / image) | GFLOPs/token (text / image) | loss all | loss text "
-             "| loss image | savings all | savings text | savings image | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "No-expert share: the share of a group's tokens that no expert took (routing health, mean over "
+             "layers, end of training; 0.32 is independent random routers' at 4 experts).", "",
+             "| variant | params total | active (text / image) | GFLOPs/token (text / image) | loss text "
+             "| loss image | loss all | savings text | savings image | savings all | no-expert share | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in analysis["variants"]:
         a, f = s["params_active"], s["flops_per_token"]
         label = s["variant"] if s["multiplier"] == 1 else f"{s['variant']} ({s['multiplier']:g}x budget)"
         lines.append(
             f"| {label} | {_m(s['params_total'])} | {_m(a['text'])} / {_m(a['image'])} | "
-            f"{f['text'] / 1e9:.4f} / {f['image'] / 1e9:.4f} | {_loss(s, 'all')} | {_loss(s, 'text')} | "
-            f"{_loss(s, 'image')} | {_saving(s['savings']['all'])} | {_saving(s['savings']['text'])} | "
-            f"{_saving(s['savings']['image'])} | {s['tokens_per_s'] or 0:,.0f} |")
+            f"{f['text'] / 1e9:.4f} / {f['image'] / 1e9:.4f} | {_loss(s, 'text')} | {_loss(s, 'image')} | "
+            f"{_loss(s, 'all')} | {_saving(s['savings']['text'])} | {_saving(s['savings']['image'])} | "
+            f"{_saving(s['savings']['all'])} | {_share(s.get('no_expert') or {})} | {s['tokens_per_s'] or 0:,.0f} |")
     lines += ["", "Dense's curve (finished runs):", "",
               "| budget | training FLOPs | loss all | loss text | loss image |", "|---|---|---|---|---|"]
     for p in analysis["dense_curve"]:

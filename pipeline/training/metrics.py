@@ -93,6 +93,24 @@ def no_expert_warning(health: dict[str, dict[str, float]], threshold: float) -> 
             f"or router_assign=balanced")
 
 
+class RoutingWatch:
+    """`no_expert_warning` at most once every `every` steps (statistics are logged every step in
+    short runs; the warning is for a person reading the log)."""
+
+    def __init__(self, threshold: float, every: int = 100) -> None:
+        self.threshold, self.every = threshold, every
+        self.last: int | None = None
+
+    def check(self, step: int, health: dict[str, dict[str, float]]) -> str | None:
+        if self.threshold >= 1 or (self.last is not None and step - self.last < self.every):
+            return None
+        message = no_expert_warning(health, self.threshold)
+        if message:
+            self.last = step
+            return f"step {step}: {message}"
+        return None
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
