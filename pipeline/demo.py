@@ -180,5 +180,21 @@ def summarize(run_dir: Path) -> str:
                f"text {avg('loss_text', part)}, image {avg('loss_image', part)}" for part in (first, last)),
              f"  tokens seen: {json.dumps(rows[-1]['tokens_seen'])}; skipped non-finite steps: "
              f"{rows[-1]['nonfinite_skipped']}; bad data: {rows[-1]['bad_data'] or 'none'}",
-             f"  expert load at the end: {json.dumps(rows[-1]['expert_load'])}"]
+             f"  expert load at the end: {json.dumps(rows[-1]['expert_load'])}",
+             *routing_health_lines(rows)]
     return "\n".join(lines)
+
+
+def routing_health_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The share of each group's tokens no expert took, at the first and the last logged step (mean
+    over layers): the figure that shows expert choice collapsing, or not."""
+    def share(row: dict[str, Any]) -> str:
+        groups: dict[str, list[float]] = {}
+        for key, v in (row.get("routing") or {}).items():
+            groups.setdefault(key.split(".", 1)[1], []).append(v["0"])
+        return ", ".join(f"{g} {sum(v) / len(v):.2f}" for g, v in sorted(groups.items()))
+
+    if not rows or not rows[-1].get("routing"):
+        return []
+    return [f"  routing health, tokens no expert took: step {rows[0]['step']}: {share(rows[0])}; "
+            f"step {rows[-1]['step']}: {share(rows[-1])}"]
