@@ -33,9 +33,12 @@ def micro_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def model_config(ffn: str, router: str, dispatch: str = "moma") -> ModelConfig:
+    """`router`: token_choice, expert_choice, or expert_choice.RANK.ASSIGN (routing.py's modes)."""
+    router, *mode = router.split(".")
+    modes = dict(zip(("router_rank", "router_assign"), mode))
     return ModelConfig(vocab_size=VOCAB, image_offset=IMAGE_OFFSET, d_model=32, n_layers=2, n_heads=2,
                        ffn_hidden=64, ffn=ffn, router=router, capacity_factor=1.0, max_seq_len=SEQ,
-                       z_loss_weight=1e-4, moe_dispatch=dispatch)
+                       z_loss_weight=1e-4, moe_dispatch=dispatch, **modes)
 
 
 def ep_records(ep: int, cases: list[str], steps: int = 3) -> dict[str, dict]:
@@ -92,9 +95,12 @@ def ep_records(ep: int, cases: list[str], steps: int = 3) -> dict[str, dict]:
 
 EP2 = ["moma_4t4i:expert_choice:0:moma", "moma_4t4i:expert_choice:1:moma", "moma_4t4i:expert_choice:2:moma",
        "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma", "moma_4t4i_mod:expert_choice:2:moma",
-       "moma_4t4i:expert_choice:0:deepspeed", "moma_4t4i:token_choice:0:deepspeed", "moe_8x:expert_choice:0:deepspeed"]
+       "moma_4t4i:expert_choice:0:deepspeed", "moma_4t4i:token_choice:0:deepspeed", "moe_8x:expert_choice:0:deepspeed",
+       "moma_4t4i:expert_choice.softmax.topk:1:moma", "moma_4t4i:expert_choice.softmax.balanced:2:moma",
+       "moma_4t4i:expert_choice.softmax.balanced:0:moma", "moma_4t4i:expert_choice.softmax.balanced:0:deepspeed"]
 REF = ["moma_4t4i:expert_choice:0:moma", "moma_4t4i:token_choice:0:moma", "moe_8x:expert_choice:0:moma",
-       "moma_4t4i_mod:expert_choice:0:moma"]
+       "moma_4t4i_mod:expert_choice:0:moma", "moma_4t4i:expert_choice.softmax.topk:0:moma",
+       "moma_4t4i:expert_choice.softmax.balanced:0:moma"]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +133,8 @@ def test_expert_parallel_matches_single_rank(runs: dict, case: str) -> None:
     assert max_diff({**r0["params"], **r1["params"]}, ref["params"]) < 1e-5
 
 
-@pytest.mark.parametrize("ffn_router", ["moma_4t4i:expert_choice", "moe_8x:expert_choice", "moma_4t4i:token_choice"])
+@pytest.mark.parametrize("ffn_router", ["moma_4t4i:expert_choice", "moe_8x:expert_choice", "moma_4t4i:token_choice",
+                                        "moma_4t4i:expert_choice.softmax.balanced"])
 def test_the_new_dispatch_equals_deepspeeds_moelayer(runs: dict, ffn_router: str) -> None:
     """Same weights, same micro-batches, on 2 ranks (one holding only text): DeepSpeed's MOELayer and
     moe.py's dispatch give the same outputs and every gradient (fp32, 1e-6)."""
