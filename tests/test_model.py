@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from model_fixtures import mixed_ids, small
 
 from moma.pipeline.model.accounting import count
@@ -104,9 +105,14 @@ def test_losses_by_modality_and_ignored_labels() -> None:
     valid = labels != IGNORE_INDEX
     assert int(out.tokens["image"]) == int(((labels >= 200) & valid).sum())
     assert int(out.tokens["text"] + out.tokens["image"]) == int(valid.sum())
-    ce = (out.ce_sum["text"] + out.ce_sum["image"]) / valid.sum()
-    expected = ce + model.cfg.z_loss_weight * out.z_loss
-    assert torch.allclose(out.loss, expected, atol=1e-5)
+    # against torch's own cross-entropy and log-sum-exp on the logits, not the model's own sums
+    logits = model(ids).logits.reshape(-1, 300)
+    ce = F.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    image = (labels.reshape(-1) >= 200) & valid.reshape(-1)
+    per_token = F.cross_entropy(logits, labels.reshape(-1).clamp(min=0), reduction="none")
+    assert torch.allclose(out.ce_sum["image"], per_token[image].sum(), atol=1e-4)
+    z = (torch.logsumexp(logits, -1) ** 2)[valid.reshape(-1)].mean()
+    assert torch.allclose(out.loss, ce + model.cfg.z_loss_weight * z, atol=1e-5)
     assert out.logits is None and model(ids).logits.shape == (2, 24, 300)
 
 
