@@ -34,13 +34,15 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from moma.pipeline.config_parsing import ConfigError
-from moma.pipeline.loader.loader import DataSource
 from moma.pipeline.model.config import FFN_VARIANTS as VARIANTS
+
+if TYPE_CHECKING:  # the loader imports torch: `moma --help` does not
+    from moma.pipeline.loader.loader import DataSource
 from moma.tokenizers.fileio import write_json_atomic
 
 MODALITIES = ("all", "text", "image")
