@@ -356,6 +356,11 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generate-image", action="store_true", help="open an image after the prompt (<|boi|>)")
     p.add_argument("--image-out", default=None, help="write the first generated image here (PNG)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64, or one image's codes + 2")
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="no end of document (<|eos|>) before this many new tokens (default: 0; a caption of "
+                        "--image: 5)")
+    p.add_argument("--allow-images", action="store_true",
+                   help="with --image: the continuation may hold images too (default: a caption, text only)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -483,14 +488,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     gen, text_tok, image_tok = load_generator(args.model, args.text_tokenizer, args.image_tokenizer)
     prompt, uncond = encode_prompt(gen.vocab, text_tok, image_tok, args.prompt, args.image, args.generate_image)
+    from moma.pipeline.generate import CAPTION_MIN_TOKENS
+
     default = (gen.image_codes or 0) + 2 if args.generate_image else 64
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens or default, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, cfg_scale=args.cfg_scale, use_cache=not args.no_cache)
+    caption = args.image is not None and not args.generate_image and not args.allow_images
+    max_new = args.max_new_tokens or default
+    min_new = args.min_new_tokens if args.min_new_tokens is not None else \
+        (min(CAPTION_MIN_TOKENS, max_new) if caption else 0)
+    sampling = SamplingConfig(max_new_tokens=max_new, min_new_tokens=min_new, allow_images=not caption,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, cfg_scale=args.cfg_scale,
+                              use_cache=not args.no_cache)
     new = gen.generate(prompt, sampling, uncond=uncond if args.generate_image else None,
                        stop_after_image=args.generate_image)
     text, images = decode_output(gen.vocab, text_tok, image_tok, ([gen.vocab.boi_id] if args.generate_image else [])
                                  + new)
-    result = {"prompt_tokens": len(prompt), "new_tokens": len(new), "text": text, "images": len(images)}
+    unfinished = gen.unfinished_image(prompt + new)
+    result = {"prompt_tokens": len(prompt), "new_tokens": len(new), "text": text, "images": len(images),
+              "unfinished_image": unfinished}
+    if unfinished:
+        print(f"moma: warning: the output ends inside an image ({len(new)} new tokens; an image takes "
+              f"{gen.image_codes} codes + <|eoi|>): raise --max-new-tokens", file=sys.stderr)
     if args.image_out and images:
         Image.fromarray(images[0]).save(args.image_out)
         result["image_out"] = args.image_out

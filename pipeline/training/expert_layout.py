@@ -5,18 +5,24 @@ global experts a rank holds, and which layouts can work.
     layout.global_names(model)      # local parameter name -> global name (expert index ep_rank * local + i)
     layout.held(4)                  # range(2, 4): the global experts of a 4-expert group on this rank
     check_parallel_layout(model_cfg, ep_size, world_size, zero_stage)   # before anything launches
+    export_names(model_names)       # global name -> the export's clean name (and back: internal_names)
 
 DeepSpeed's MoE layer stores rank-local experts as `....deepspeed_moe.experts.deepspeed_experts.{i}.…`
 with i in [0, E / ep_size); its per-expert checkpoint files already use the global index. The model
 (pipeline/model/) never sees any of this: it is built with `E / ep_size` experts per group, and
 everything that needs a global name — layout-independent initialisation, the universal checkpoint
-copy, export, tests comparing ep 1 with ep 2 — asks this module. DeepSpeed's expert-parallel groups
-are consecutive ranks: rank r is index r % ep_size of its group and replica r // ep_size.
+copy, export, tests comparing ep 1 with ep 2 — asks this module. Exports carry clean names without
+DeepSpeed's containers (`layers.0.ffn.image.experts.0.w1.weight`, `layers.0.ffn.image.router.weight`;
+a moma_1t1i FFN: `layers.0.ffn.image.w1.weight`), mapped here, both ways, from the model's own names.
+DeepSpeed's expert-parallel groups are consecutive ranks: rank r is index r % ep_size of its group
+and replica r // ep_size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -28,6 +34,41 @@ MOE_MARK = ".deepspeed_moe."  # DeepSpeed's MOELayer inside a MoE module
 
 class ParallelConfigError(ValueError):
     """A parallel layout DeepSpeed would reject (or crash on) later: caught before any process group."""
+
+
+# internal (global) parameter name -> the export's clean name, rule by rule (first match of each applies)
+_CLEAN_RULES = (
+    (re.compile(r"\.(\w+)_moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."), r".\1.experts.\2."),
+    (re.compile(r"\.(\w+)_moe\.deepspeed_moe\.gate\.wg\."), r".\1.router."),
+    (re.compile(r"\.(\w+)_moe\.deepspeed_moe\.gate\."), r".\1.router."),
+    (re.compile(r"\.(\w+)_moe\.deepspeed_moe\."), r".\1.moe."),
+    (re.compile(r"\.ffn\.(\w+?)_ffn\."), r".ffn.\1."),
+)
+
+
+def clean_name(name: str) -> str:
+    """A global parameter name without DeepSpeed's containers (what an export stores)."""
+    for pattern, repl in _CLEAN_RULES:
+        name = pattern.sub(repl, name, count=1)
+    return name
+
+
+def export_names(names: Iterable[str]) -> dict[str, str]:
+    """Global parameter names -> clean names; refuses two names that would become one."""
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        clean = clean_name(name)
+        if clean in seen:
+            raise ValueError(f"export names: {name} and {seen[clean]} would both be stored as {clean}")
+        seen[clean] = name
+        out[name] = clean
+    return out
+
+
+def internal_names(names: Iterable[str]) -> dict[str, str]:
+    """The model's global parameter names (`names`) keyed by their clean (exported) names."""
+    return {clean: name for name, clean in export_names(names).items()}
 
 
 def is_expert_param(name: str) -> bool:

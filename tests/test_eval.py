@@ -1,0 +1,113 @@
+"""The same held-out numbers everywhere: `moma eval` reads the run's data settings and micro-batch
+(from the checkpoint or the export), its default set is every held-out document exactly once, and
+bad requests are refused instead of cycling or printing null.
+
+    .venv/bin/python -m pytest tests/test_eval.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from launch_fixtures import run_single
+from training_fixtures import make_training_data, run_config, write_config
+
+from moma.pipeline.cli import main as cli_main
+from moma.pipeline.loader.loader import DataConfig, DataSource, PackedLoader
+from moma.pipeline.shards.manifest import Manifest
+from moma.pipeline.training import evaluate as ev
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_training_data(tmp_path_factory.mktemp("data"))
+
+
+def _totals(dirs: list[Path]) -> tuple[int, int]:
+    shards = [s for d in dirs for s in Manifest.load(d).shards]
+    return sum(s.docs for s in shards), sum(s.text_tokens + s.image_tokens for s in shards)
+
+
+def _one_pass(data: DataConfig, sources: tuple[DataSource, ...], batch_size: int) -> tuple[int, int, int]:
+    """Walk the held-out set as heldout_batches does: (batches, first-pass tokens, first-pass <|bos|>)."""
+    cfg = DataConfig(**{**data.__dict__, "sources": sources, "num_workers": 0})
+    loader = PackedLoader(cfg, batch_size, seed=ev.EVAL_SEED)
+    one = ev._OnePass(batch_size, loader.vocab, len(sources))
+    n = tokens = bos = 0
+    for batch in loader:
+        labels = one.labels(batch)
+        window = np.concatenate([batch["input_ids"].numpy(), batch["labels"].numpy()[:, -1:]], axis=1)
+        assert np.array_equal(labels.numpy() != -100, one.counted[:, 1:] & (batch["labels"].numpy() != -100))
+        tokens += int(one.counted.sum())
+        bos += int((window[one.counted] == loader.vocab.bos_id).sum())
+        n += 1
+        if one.done:
+            return n, tokens, bos
+    raise AssertionError("unreachable")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch_size=st.integers(1, 5), seq_len=st.sampled_from([8, 17, 32, 64]), shuffle=st.integers(1, 50),
+       keep_whole=st.booleans(), open_shards=st.integers(1, 3), two=st.booleans())
+def test_the_whole_set_holds_every_document_exactly_once(data: dict[str, Path], batch_size: int, seq_len: int,
+                                                         shuffle: int, keep_whole: bool, open_shards: int,
+                                                         two: bool) -> None:
+    dirs = [data["captions"], data["books"]] if two else [data["captions"]]
+    sources = tuple(DataSource(str(d)) for d in dirs)
+    cfg = DataConfig(seq_len=seq_len, shuffle_buffer=shuffle, keep_images_whole=keep_whole, open_shards=open_shards)
+    n, tokens, bos = _one_pass(cfg, sources, batch_size)
+    docs, total = _totals(dirs)
+    # every token of every document counted once (window starts included), every document started once
+    assert (tokens, bos) == (total, docs)
+    got = ev.heldout_batches(cfg, sources, None, batch_size)
+    assert len(got) == n
+    assert len(ev.heldout_batches(cfg, sources, None, batch_size, batches=n + 5)) == n  # never cycled
+    first = ev.heldout_batches(cfg, sources, None, batch_size, batches=1)
+    assert len(first) == 1
+
+
+def test_zero_batches_are_refused(data: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "x", "--data", str(data["books"]), "--batches", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=">= 1"):
+        ev.heldout_batches(DataConfig(), (DataSource(str(data["books"])),), None, 2, batches=0)
+
+
+@pytest.mark.slow
+def test_moma_eval_equals_training_with_the_runs_own_data_settings(data: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A run with non-default data settings (seq_len, shuffle buffer, open shards, keep_images_whole,
+    micro-batch 3) evaluates the whole held-out set at its end; `moma eval` of its checkpoint and of
+    its export, with no data options, prints the same figures (1e-6) over the same tokens."""
+    cfg = run_config(data, tmp_path / "run", max_steps=2, eval__every=2, eval__batches=100000,
+                     data__seq_len=40, data__shuffle_buffer=3, data__open_shards=2, data__keep_images_whole=True,
+                     parallel__ep_size=1, parallel__micro_batch=3, checkpoint__every=2)
+    cfg["data"]["eval_sources"] = [{"path": str(data["captions"])}]
+    run_single(["-m", "moma.pipeline.cli", "train", str(write_config(cfg, tmp_path / "run.yaml"))],
+               log=tmp_path / "log")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["eval"] for r in rows if "eval" in r][-1]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    for model in (ckpt, tmp_path / "export"):
+        assert cli_main(["eval", str(model), "--data", str(data["captions"])]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (got["seq_len"], got["batch_size"], got["whole_set"]) == (40, 3, True)
+        for key in ("loss", "loss_text", "loss_image"):
+            assert abs(got[key] - trained[key]) < 1e-6, (model, key, got[key], trained[key])
+        assert (got["tokens_text"], got["tokens_image"], got["batches"]) == \
+            (trained["tokens_text"], trained["tokens_image"], trained["batches"])
+    # the first N batches on request; more than the set holds: the set once, with a warning
+    assert cli_main(["eval", str(tmp_path / "export"), "--data", str(data["captions"]), "--batches", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["batches"] == 2
+    assert cli_main(["eval", str(tmp_path / "export"), "--data", str(data["captions"]), "--batches", "100000"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip().splitlines()[-1])["batches"] == trained["batches"]
+    assert "evaluating those once" in caplog.text
