@@ -135,6 +135,11 @@ class Generator:
                 break
         return out
 
+    def allowed_after(self, ids: list[int]) -> torch.Tensor:
+        """The ids that may follow `ids` (prompt + output so far) under moma's grammar, whatever the
+        budget (what the Hugging Face wrapper's logits processor applies)."""
+        return self._allowed(self._inside(ids), 0, SamplingConfig(max_new_tokens=1 << 30))
+
     def unfinished_image(self, ids: list[int]) -> bool:
         """Whether `ids` (prompt + output) end inside an image."""
         return self._inside(ids) is not None

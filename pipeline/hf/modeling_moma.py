@@ -13,13 +13,13 @@ sequence or equal-length sequences (no padding mask).
 """
 
 import torch
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_moma import MomaConfig
 
 try:
-    from moma.pipeline.generate import generation_routing
+    from moma.pipeline.generate import Generator, generation_routing
     from moma.pipeline.model.config import ModelConfig
     from moma.pipeline.model.transformer import Transformer
 except ImportError as e:  # the wrapper has no model of its own
@@ -35,6 +35,37 @@ def routing_mode(cfg):
         raise ValueError(f"this export cannot be loaded for causal inference: {e}") from None
 
 
+def _generator(path, model):
+    """moma's Generator for the export's vocabulary (codes per image from its image tokenizer identity)."""
+    import json
+    import os
+
+    from moma.tokenizers.vocab import Vocab
+
+    vocab_file = os.path.join(path, "vocab.json")
+    with open(vocab_file) as f:
+        vocab = Vocab.from_json(json.load(f), source=vocab_file)
+    codes = None
+    if vocab.image is not None:
+        extra = vocab.image.extra
+        codes = (int(extra["resolution"]) // int(extra["downsample"])) ** 2
+    return Generator(model, vocab, codes)
+
+
+class MomaGrammar(LogitsProcessor):
+    """moma's generation grammar for `model.generate`: image codes only inside an image, exactly one
+    image's worth of them, then <|eoi|> (pipeline/generate.py's rule, not a copy of it)."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        for row in range(input_ids.shape[0]):
+            allowed = self.generator.allowed_after(input_ids[row].tolist()).to(scores.device)
+            scores[row, ~allowed[: scores.shape[1]]] = float("-inf")
+        return scores
+
+
 class MomaForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MomaConfig
     base_model_prefix = "model"
@@ -46,6 +77,7 @@ class MomaForCausalLM(PreTrainedModel, GenerationMixin):
         self.moma_config = ModelConfig.from_json(config.moma)
         self.mode = routing_mode(self.moma_config)
         self.model = Transformer(self.moma_config, ep_size=1)
+        self.moma_generator = None  # set by from_pretrained (needs the export's vocabulary)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
@@ -64,6 +96,7 @@ class MomaForCausalLM(PreTrainedModel, GenerationMixin):
         routing_mode(ModelConfig.from_json(config.moma))  # refuse before reading any weights
         model = cls(config)
         model.model = load_exported(path)
+        model.moma_generator = _generator(path, model.model)
         dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
         if dtype not in (None, "auto"):
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
@@ -92,6 +125,14 @@ class MomaForCausalLM(PreTrainedModel, GenerationMixin):
             n = sum(int(v) for v in out.tokens.values())
             loss = sum(out.ce_sum.values()) / max(n, 1)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=None)
+
+    def generate(self, *args, logits_processor=None, **kwargs):
+        """transformers' generate with moma's grammar (image codes only inside images, then <|eoi|>)."""
+        processors = LogitsProcessorList(logits_processor or [])
+        if self.moma_generator is not None:
+            processors.append(MomaGrammar(self.moma_generator))
+        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        return super().generate(*args, logits_processor=processors, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}
