@@ -36,8 +36,10 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float, log: Path | None) 
 
 def run_deepspeed(args: list[str], nprocs: int = 2, timeout: float = 600, log: Path | None = None,
                   **env: str) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N ...` on CPU: N real gloo ranks."""
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), *args]
+    """`deepspeed --num_gpus N ...` on CPU: N real gloo ranks (DeepSpeed's runner and launch.py, through
+    pipeline/launch.py: a signal checkpoints and stops the job)."""
+    cmd = [sys.executable, "-m", "moma.pipeline.launch", "--num_gpus", str(nprocs), "--master_port", str(free_port()),
+           *args]
     return _run(cmd, cpu_env(**env), timeout, log)
 
 

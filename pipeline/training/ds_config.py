@@ -33,6 +33,9 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             return json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"parallel.ds_config: file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:  # a directory ('' is '.'), unreadable, not text
+            raise ConfigError(f"parallel.ds_config: cannot read {name_or_path!r} as a DeepSpeed JSON file "
+                              f"({getattr(e, 'strerror', None) or e})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"parallel.ds_config: {path} is not valid JSON ({e})") from None
     names = preset_names()

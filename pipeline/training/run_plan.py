@@ -24,6 +24,7 @@ from moma.pipeline.model.config import ModelConfig, preset
 from moma.pipeline.shards.manifest import Manifest
 from moma.pipeline.training.checkpoint import UNIVERSAL_POLICIES
 from moma.pipeline.training.config import ConfigError, TrainConfig
+from moma.pipeline.training.config_checks import check_settings
 from moma.pipeline.training.ds_config import build_ds_config, precision, zero_stage
 from moma.pipeline.training.expert_layout import ParallelConfigError, check_parallel_layout, placement
 from moma.tokenizers.image_tokenizer import CONFIG_FILE, ImageTokenizer
@@ -154,7 +155,7 @@ def check_aux_source(path: str, model: ModelConfig) -> Path:
     from moma.pipeline.training.checkpoint import CheckpointError, find_checkpoint, load_model_states
 
     try:
-        found = find_checkpoint(path, Path(path))
+        found = find_checkpoint(path, Path(path), verify=False)  # checksums: at setup, a share per rank
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint")
         saved = load_model_states(found[0] / found[1])["moma"]["model"]
@@ -172,6 +173,7 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     """Resolve and check the whole run; raises ConfigError naming what is wrong."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
+    check_settings(cfg, world_size)  # every numeric setting's range and every choice, naming its key
     if cfg.max_steps < 1:
         raise ConfigError("max_steps must be >= 1")
     if cfg.stop_at_step is not None and not 0 < cfg.stop_at_step <= cfg.max_steps:

@@ -29,6 +29,7 @@ from moma.pipeline.training.checkpoint import (
     CheckpointError,
     find_checkpoint,
     fsync_tree,
+    gather_checksums,
     install_safe_loading,
     load_model_states,
     load_universal,
@@ -39,6 +40,7 @@ from moma.pipeline.training.checkpoint import (
     safe_load,
     save_universal,
     set_rng_state,
+    verify_files_collective,
     write_rank_state,
 )
 from moma.pipeline.training.config import TrainConfig, save_config
@@ -103,7 +105,11 @@ def setup_engine(cfg: TrainConfig, resuming: bool = False) -> tuple[RunPlan, Any
     model = build_model(plan.model, ep_size=ep, seed=cfg.seed, ep_rank=ep_rank, device=info.device,
                         dtype=torch.bfloat16 if precision(plan.ds_config) == "bf16" else torch.float32)
     if cfg.aux_routers_from:
-        freeze_all_but_aux_routers(model, check_aux_source(cfg.aux_routers_from, plan.model), ep, ep_rank)
+        source = check_aux_source(cfg.aux_routers_from, plan.model)
+        damaged = verify_files_collective(source)  # each rank checks a share of its files
+        if damaged:
+            raise CheckpointError(f"aux_routers_from: refusing a damaged checkpoint: {damaged[0]}")
+        freeze_all_but_aux_routers(model, source, ep, ep_rank)
     elif cfg.init_from and not resuming:
         load_init_weights(model, Path(cfg.init_from), ep, ep_rank)
     engine = initialize_engine(model, plan.ds_config, cfg.optim.weight_decay, lr_lambda(cfg))
@@ -166,8 +172,10 @@ def init_loader_states(directory: Path) -> list[dict[str, Any]] | None:
 
 def train(cfg: TrainConfig, resume: str | None = None) -> int:
     run_dir, ckpt_dir = Path(cfg.run_dir), cfg.checkpoint_dir
+    if found is not None:  # every file against `complete`, each rank a share; damaged: the previous one
+        found = find_checkpoint(resume, ckpt_dir, check=verify_files_collective)
     stop = StopRequest().install()  # before the slow setup: a signal then stops after the first step
-    found = find_checkpoint(resume, ckpt_dir)
+    found = find_checkpoint(resume, ckpt_dir, verify=False)  # which one: after the checksums, below
     plan, info, engine, ep_rank = setup_engine(cfg, resuming=found is not None)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +262,7 @@ def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
     universal = cfg.checkpoint.universal == "always" or (final and cfg.checkpoint.universal == "final")
     if universal:
         edp_rank = groups._get_expert_data_parallel_rank(expert_group_name(cfg.parallel.ep_size)) \
+    files = gather_checksums(tag_dir)  # each rank hashes a share (from the page cache); rank 0 gets all
             if plan.model.ffn_spec.learned_routing else 0
         save_universal(engine, tag_dir, ep_rank, edp_rank)
     dist.barrier()  # every rank's files are written ...
@@ -261,7 +270,8 @@ def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
         fsync_tree(tag_dir)  # ... and on disk (each node's ranks wrote through its page cache)
     dist.barrier()
     if info.is_main:
-        mark_complete(ckpt_dir, tag[0], {"step": progress.step, "layout": layout, "universal": universal},
+        mark_complete(ckpt_dir, tag[0], {"step": progress.step, "layout": layout, "universal": universal,
+                                         "files": files},
                       cfg.checkpoint.keep)
     dist.barrier()
 
@@ -354,7 +364,8 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
         preempted = sums[4] > 0
         if heldout and (progress.step % cfg.eval.every == 0 or progress.step == end):
             _evaluate(cfg, plan, engine, heldout, progress.step, writer, device)
-        if preempted or progress.step == end or progress.step % cfg.checkpoint.every == 0:
+        every = cfg.checkpoint.every  # 0: only at the end of the launch (and at a stop)
+        if preempted or progress.step == end or (every and progress.step % every == 0):
             _save(cfg, plan, engine, loader, progress, ep_rank, info, final=preempted or progress.step == end)
             saved_at = progress.step
         if preempted:
