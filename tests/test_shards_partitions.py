@@ -1,7 +1,8 @@
 """The output does not depend on --num-partitions (issue 26, defect 3): random layouts with nested
 folders, repeated file names, symlinks inside and outside the source root and COCO files listing an
-image id twice (across the 256-image unit boundary) give the same documents under the same unique
-keys, byte for byte, and a byte-identical rejects.jsonl, for 1, 2, 3 and 7 partitions.
+image id twice (across the 256-image unit boundary) give byte-identical shards (the same tar files
+under the same names), manifest.json, sizes.json and rejects.jsonl for 1, 2, 3 and 7 partitions, with
+the same documents under unique keys.
 
     .venv/bin/python -m pytest tests/test_shards_partitions.py -q
 """
@@ -92,7 +93,8 @@ def write_layout(d: Path, layout: dict, photos: list[bytes]) -> list[str]:
     return [f"text:{root}", f"coco:{coco / 'captions_val2017.json'}"]
 
 
-def outputs(out: Path) -> tuple[dict[str, tuple[bytes, bytes]], bytes, dict]:
+def outputs(out: Path) -> tuple[dict[str, tuple[bytes, bytes]], bytes, dict, dict[str, bytes]]:
+    """(documents by key, rejects.jsonl, totals, every file of the output directory by name)."""
     docs: dict[str, tuple[bytes, bytes]] = {}
     manifest = Manifest.load(out)
     for s in manifest.shards:
@@ -100,7 +102,8 @@ def outputs(out: Path) -> tuple[dict[str, tuple[bytes, bytes]], bytes, dict]:
             assert key not in docs, f"key {key} written twice"
             docs[key] = (tokens.tobytes(), meta)
     totals = {k: v for k, v in manifest.totals.items()}
-    return docs, (out / "rejects.jsonl").read_bytes(), totals
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    return docs, (out / "rejects.jsonl").read_bytes(), totals, files
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -116,12 +119,17 @@ def test_the_output_does_not_depend_on_the_partition_count(toks: tuple[Path, Pat
                               image_tokenizer=str(toks[1]), num_partitions=n, max_docs_per_shard=4,
                               max_reject_fraction=1.0), progress=False)
             results.append(outputs(d / f"p{n}"))
-        first_docs, first_rejects, first_totals = results[0]
-        for n, (docs, rej, totals) in zip(PARTITIONS[1:], results[1:]):
+        first_docs, first_rejects, first_totals, first_files = results[0]
+        assert {"manifest.json", "sizes.json", "rejects.jsonl"} < set(first_files)
+        for n, (docs, rej, totals, files) in zip(PARTITIONS[1:], results[1:]):
             assert sorted(docs) == sorted(first_docs), n
             assert docs == first_docs, n
             assert rej == first_rejects, n
             assert totals == first_totals, n
+            # byte-identical output directories: the same tars under the same names, manifest, sizes
+            assert sorted(files) == sorted(first_files), (n, sorted(files), sorted(first_files))
+            differ = [name for name in first_files if files[name] != first_files[name]]
+            assert not differ, (n, differ)
         # every text file as the user sees it (links included) is one record, under its own path
         root = d / "root"
         seen = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix == ".txt"}
@@ -191,11 +199,86 @@ def test_a_key_written_by_two_partitions_is_refused_at_merge(tmp_path: Path, tok
     for name in ("a.txt", "b.txt"):
         write_file(tmp_path / "root" / name, 0)
     monkeypatch.setattr(TextReader, "rel", lambda self, path: "same.txt")  # a reader bug: one id for two files
+    # a shard per document: each file is its own unit group, so the two fall into two partitions
     cfg = BuildConfig(sources=[f"text:{tmp_path / 'root'}"], out=str(tmp_path / "p2"), text_tokenizer=str(toks[0]),
-                      num_partitions=2)
+                      num_partitions=2, max_docs_per_shard=1)
     with pytest.raises(BuildError, match=r"key s00_same-txt_\w+ is written by partitions 0 and 1"):
         build(cfg, progress=False)
     assert not (tmp_path / "p2" / "manifest.json").exists()
     one = build(BuildConfig(sources=cfg.sources, out=str(tmp_path / "p1"), text_tokenizer=str(toks[0]),
-                            num_partitions=1, max_reject_fraction=1.0), progress=False)
+                            num_partitions=1, max_docs_per_shard=1, max_reject_fraction=1.0), progress=False)
     assert one.totals["docs"] == 1 and one.totals["rejects_by_reason"] == {"duplicate_id": 1}
+
+
+def test_array_tasks_then_merge_give_the_bytes_of_a_one_partition_build(tmp_path: Path, toks: tuple[Path, Path],
+                                                                        photos: list[bytes]) -> None:
+    """The SLURM path (jobs/slurm_shards.sbatch: one `--partition i` per array task, in any order, then
+    `moma shards merge`) and the local one (--workers 2, spawned processes) write the same bytes as one
+    partition; a finished build asked again with another partition count is already built, while
+    staged partitions of another count are refused (they cannot be mixed in)."""
+    from moma.pipeline.shards.build import BuildError, merge
+
+    layout = {"files": [(f, n) for f in FOLDERS for n in NAMES], "links": [("a", "x.txt", 1, True)],
+              "dir_link": True, "coco_images": 270, "coco_duplicates": [(3, 280)]}
+    sources = write_layout(tmp_path, layout, photos)
+
+    def config(out: str, n: int) -> BuildConfig:
+        return BuildConfig(sources=sources, out=str(tmp_path / out), text_tokenizer=str(toks[0]),
+                           image_tokenizer=str(toks[1]), num_partitions=n, max_docs_per_shard=3,
+                           max_reject_fraction=1.0)
+
+    one = build(config("one", 1), progress=False)
+    assert len(one.shards) > 5  # several groups, so the partitions below all have work
+    for i in (4, 0, 3, 1, 2):
+        build(config("array", 5), partition=i, progress=False)
+    merge(tmp_path / "array", max_reject_fraction=1.0)
+    build(config("workers", 3), workers=2, progress=False)
+    files = {p.name: p.read_bytes() for p in sorted((tmp_path / "one").iterdir())}
+    for other in ("array", "workers"):
+        assert {p.name: p.read_bytes() for p in sorted((tmp_path / other).iterdir())} == files, other
+    assert "num_partitions" not in one.build["settings"]
+    assert build(config("one", 7), progress=False).shards == one.shards  # already built: nothing to do
+    build(config("staged", 2), partition=0, progress=False)
+    with pytest.raises(BuildError, match=r"num_partitions: staged 2, now 3"):
+        build(config("staged", 3), progress=False)
+
+
+@given(weights=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 3 << 20)), min_size=1, max_size=300),
+       max_docs=st.integers(1, 20_000), max_bytes=st.integers(1, 1 << 30))
+def test_unit_groups_are_runs_closed_at_the_targets(weights: list[tuple[int, int]], max_docs: int,
+                                                    max_bytes: int) -> None:
+    """groups.cut: consecutive runs from 0; each group but the last closed by the unit that brought its
+    records or bytes to the target (never before); at least GROUPS groups when every unit alone fills
+    a group; one group when the whole build is under both targets."""
+    from moma.pipeline.shards import groups
+
+    cut = groups.cut(weights, max_docs, max_bytes)
+    by_records, by_bytes = groups.targets(weights, max_docs, max_bytes)
+    assert cut[0] == 0 and all(b - a in (0, 1) for a, b in zip(cut, cut[1:]))
+    for g in range(cut[-1] + 1):
+        members = [w for w, c in zip(weights, cut) if c == g]
+        records, size = sum(r for r, _ in members), sum(b for _, b in members)
+        before = (records - members[-1][0], size - members[-1][1])
+        assert before[0] < by_records and before[1] < by_bytes, g  # not closed before its last unit
+        if g < cut[-1]:
+            assert records >= by_records or size >= by_bytes, g
+    assert by_records <= max(max_docs, 1) and by_bytes <= max(max_bytes, 1)
+    if sum(r for r, _ in weights) < min(max_docs, groups.MIN_RECORDS) and \
+            sum(b for _, b in weights) < min(max_bytes, groups.MIN_BYTES):
+        assert cut[-1] == 0
+    if all(r >= by_records or b >= by_bytes for r, b in weights):
+        assert cut[-1] + 1 == len(weights)
+
+
+def test_a_big_build_has_enough_groups_for_its_partitions() -> None:
+    """1,000 units of 1,000 records: groups of min(max_docs, total / GROUPS) records (closed by the unit
+    that reaches it), so about GROUPS partitions have work even when the shard limit is far away."""
+    from moma.pipeline.shards import groups
+
+    assert groups.GROUPS == 64
+    weights = [(1000, 0)] * 1000
+    assert max(groups.cut(weights, 10_000, 10**9)) + 1 == 100  # 10,000 records a group (the shard limit)
+    # target ceil(10**6 / 64) = 15,625 records, reached by the 16th unit: ceil(1000 / 16) = 63 groups
+    assert max(groups.cut(weights, 10**9, 10**9)) + 1 == 63
+    text = [(1, 1 << 18)] * 80  # 20 MiB of 256 KiB text files: 1 MiB groups of 4 files
+    assert max(groups.cut(text, 10_000, 10**9)) + 1 == 20

@@ -4,18 +4,21 @@
         --text-tokenizer tok/text --image-tokenizer tok/vq --out shards/ --workers 2
 
 Unit of parallel work: partition i of n. The readers' units (files, row groups, JSON slices) are
-listed in a deterministic order and partition i takes every n-th; it writes its own tars into
-``OUT/.staging/part-i/`` and, last, ``done.json``. A rerun skips partitions with ``done.json`` and
+listed in a deterministic order and cut into groups of consecutive units by weights known before
+any record is read (shards/groups.py); partition i takes every n-th group, whole, and writes its
+tars into ``OUT/.staging/part-i/`` (a tar never spans two groups) and, last, ``done.json``. A rerun
+skips partitions with ``done.json`` and
 redoes any other from scratch, so a build killed at any moment (even SIGKILL) and rerun ends with
 exactly the shards of an uninterrupted build. The same partition runs as a local process (--workers)
 or as a SLURM array task (--partition i --num-partitions n; then `moma shards merge OUT`).
 
-The merge numbers the partitions' tars globally ({prefix}-000000.tar, ...), writes rejects.jsonl
-(interleaved back into unit order), sizes.json and, last, manifest.json. Same inputs, tokenizers and
-flags give byte-identical shards and manifest (fixed tar headers, stable document keys, no
-timestamps). Whatever --num-partitions, the same documents are written under the same keys, byte
-for byte, and rejects.jsonl is byte-identical (tests/test_shards_partitions.py); only how documents
-fall into tars differs. More than --max-reject-fraction (default 0.5) of the inputs rejected: the
+The merge numbers the partitions' tars globally in group order ({prefix}-000000.tar, ...; a hard
+link each, no copy), writes rejects.jsonl (interleaved back into unit order), sizes.json and, last,
+manifest.json. Same inputs, tokenizers and flags give byte-identical shards and manifest (fixed tar
+headers, stable document keys, no timestamps), whatever --num-partitions and --workers: every tar
+holds the same documents of the same group under the same name, so the output directory is byte for
+byte the same for 1, 2, 3 or 7 partitions (tests/test_shards_partitions.py; the manifest does not
+record the partition count). More than --max-reject-fraction (default 0.5) of the inputs rejected: the
 report is written, then a BuildError (exit 2) and no manifest; the partitions stay staged.
 """
 
@@ -41,6 +44,7 @@ from moma.pipeline.errors import MomaError
 from moma.pipeline.readers.base import make_reader
 from moma.pipeline.shards.assemble import DocumentTokenizer, Tokenizers
 from moma.pipeline.shards.build_config import DEFAULT_MAX_REJECT_FRACTION, STAGING, BuildConfig
+from moma.pipeline.shards.groups import Planned, partition_plan, plan_groups
 from moma.pipeline.shards.manifest import MANIFEST, REJECTS, Manifest
 from moma.pipeline.shards.writer import ShardInfo, ShardWriter
 from moma.tokenizers.fileio import atomic_write, write_json_atomic
@@ -68,23 +72,24 @@ class PartitionResult:
     rejects: dict[str, int]
     seconds: float
     by_source: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # source index -> counts
+    groups: list[int] | None = None  # shards[i]'s unit group (the merge's order); None: staged by an older moma
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "shards": [s.to_json() for s in self.shards], "inputs": self.inputs,
-                "rejects": self.rejects, "seconds": self.seconds, "by_source": self.by_source}
+                "rejects": self.rejects, "seconds": self.seconds, "by_source": self.by_source, "groups": self.groups}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PartitionResult:
         return cls(index=d["index"], shards=[ShardInfo.from_json(s) for s in d["shards"]], inputs=d["inputs"],
-                   rejects=d["rejects"], seconds=d["seconds"], by_source=d.get("by_source", {}))
+                   rejects=d["rejects"], seconds=d["seconds"], by_source=d.get("by_source", {}),
+                   groups=d.get("groups"))
 
 
-def _units(cfg: BuildConfig) -> list[tuple[int, Any]]:
-    units = []
-    for idx, spec in enumerate(cfg.sources):
-        reader = make_reader(spec, cfg.options, idx)
-        units += [(idx, u) for u in reader.units()]
-    return units
+def _plan(cfg: BuildConfig) -> list[Planned]:
+    """Every unit of every source in listing order, with its global index and group (shards/groups.py)."""
+    readers = [make_reader(spec, cfg.options, idx) for idx, spec in enumerate(cfg.sources)]
+    units = [(idx, u) for idx, reader in enumerate(readers) for u in reader.units()]
+    return plan_groups(units, readers, cfg.max_docs_per_shard, cfg.max_bytes_per_shard)
 
 
 # What a reader's unit can raise when the unit itself cannot be read (a corrupt parquet page, a
@@ -94,20 +99,20 @@ UNIT_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, z
                RecursionError)
 
 
-def _records(cfg: BuildConfig, units: list[tuple[int, int, Any]]) -> Iterator[tuple[int, Document | Reject, Tag]]:
-    """(source index, record, tag) for every record of `units` ((global index, source index, unit)
-    each). A unit whose reader fails is rejected naming the unit, once for every record it held and
-    did not give (Reader.unit_records; one when unknown): inputs = written + rejected, always. The
-    records it gave before the failure stand."""
+def _records(cfg: BuildConfig, units: list[Planned]) -> Iterator[tuple[Planned, Document | Reject, Tag]]:
+    """(unit, record, tag) for every record of `units`. A unit whose reader fails is rejected naming
+    the unit, once for every record it held and did not give (Reader.unit_records; one when unknown):
+    inputs = written + rejected, always. The records it gave before the failure stand."""
     readers = [make_reader(spec, cfg.options, idx) for idx, spec in enumerate(cfg.sources)]
-    for g, idx, unit in units:
+    for planned in units:
+        g, idx, unit = planned.index, planned.source, planned.unit
         reader = readers[idx]
         pos = 0
         try:
             for record in reader.read(unit):
                 if isinstance(record, Document):
                     record.key = document_key(idx, record.record_id)
-                yield idx, record, (g, pos)
+                yield planned, record, (g, pos)
                 pos += 1
         except UNIT_ERRORS as e:
             try:
@@ -117,12 +122,18 @@ def _records(cfg: BuildConfig, units: list[tuple[int, int, Any]]) -> Iterator[tu
             lost = max(held - pos, 1) if held is not None else 1
             detail = f"{type(e).__name__}: {e}" + (f" ({lost} records of this unit not read)" if lost > 1 else "")
             for _ in range(lost):
-                yield idx, Reject(reader.name, reader.unit_id(unit), "unreadable_unit", safe_text(detail)), (g, pos)
+                yield planned, Reject(reader.name, reader.unit_id(unit), "unreadable_unit", safe_text(detail)), (g, pos)
                 pos += 1
 
 
-def _staged_settings(cfg: BuildConfig, tokenizers: Tokenizers) -> dict[str, Any]:
+def _output_settings(cfg: BuildConfig, tokenizers: Tokenizers) -> dict[str, Any]:
+    """What decides the output's bytes (a finished build with the same is this build)."""
     return json.loads(json.dumps({**cfg.settings(), "vocab": tokenizers.vocab.to_json()}))
+
+
+def _staged_settings(cfg: BuildConfig, tokenizers: Tokenizers) -> dict[str, Any]:
+    """The output settings plus the partition count: staged partitions of another count cannot be mixed in."""
+    return {**_output_settings(cfg, tokenizers), "num_partitions": cfg.num_partitions}
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[tuple[str, Any, Any]]:
@@ -168,7 +179,7 @@ def _check_existing(cfg: BuildConfig, tokenizers: Tokenizers, overwrite: bool) -
     if (out / MANIFEST).exists():
         existing = Manifest.load(out)
         built = json.loads(json.dumps({**existing.build.get("settings", {}), "vocab": existing.vocab.to_json()}))
-        diffs = _differences(built, settings)
+        diffs = _differences(built, _output_settings(cfg, tokenizers))
         if not diffs:
             return existing
         if not overwrite:
@@ -270,16 +281,11 @@ class PartitionLock:
             self.path.unlink()
 
 
-def partition_units(units: list[tuple[int, Any]], index: int, n: int) -> list[tuple[int, int, Any]]:
-    """Partition `index` of `n`: every n-th unit, each with its global index (which tags its records)."""
-    return [(g, source, unit) for g, (source, unit) in enumerate(units)][index::n]
-
-
 def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, progress: bool = False,
-                  units: list[tuple[int, int, Any]] | None = None) -> PartitionResult:
+                  units: list[Planned] | None = None) -> PartitionResult:
     """Build partition `index` (or return its recorded result if it is already done, with the same
-    settings). `units`: this partition's share of the source units (partition_units) when the caller
-    listed them."""
+    settings). `units`: this partition's groups of units (groups.partition_plan) when the caller
+    planned them."""
     tokenizers = _load_tokenizers(cfg.text_tokenizer, cfg.image_tokenizer, cfg.text_pattern)
     _prepare_staging(cfg, tokenizers)
     part = cfg.staging / f"part-{index:05d}"
@@ -290,7 +296,7 @@ def run_partition(cfg: BuildConfig, index: int, threads: int | None = None, prog
 
 
 def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Tokenizers, threads: int | None,
-                     progress: bool, units: list[tuple[int, int, Any]] | None) -> PartitionResult:
+                     progress: bool, units: list[Planned] | None) -> PartitionResult:
     if (part / DONE).exists():  # finished by another process while this one waited for nothing
         return PartitionResult.from_json(json.loads((part / DONE).read_text()))
     if threads:
@@ -306,7 +312,7 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
     rejects: list[tuple[Tag, Reject]] = []
     inputs = 0
     seen: set[str] = set()
-    batch: list[tuple[int, Document, Tag]] = []
+    batch: list[tuple[Planned, Document, Tag]] = []
     counts: dict[int, Counter] = {i: Counter() for i in range(len(cfg.sources))}
     bar = progress_bar(desc=f"partition {index}", unit="doc", disable=not progress)
 
@@ -315,21 +321,23 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
         counts[source]["rejected"] += 1
 
     def flush() -> None:
-        for (source, _, tag), item in zip(batch, encode([doc for _, doc, _ in batch])):
+        for (planned, _, tag), item in zip(batch, encode([doc for _, doc, _ in batch])):
             if isinstance(item, Reject):
-                reject(source, item, tag)
+                reject(planned.source, item, tag)
                 continue
             doc = item.doc
             meta = {"source": doc.source, "id": doc.record_id, "text_tokens": item.text_tokens,
                     "image_tokens": item.image_tokens, "images": doc.num_images}
-            writer.write(doc.key, item.tokens, meta, item.text_tokens, item.image_tokens)
-            counts[source]["docs"] += 1
+            # a new tar at each group: its bytes depend on the group's documents only
+            writer.write(doc.key, item.tokens, meta, item.text_tokens, item.image_tokens, group=planned.group)
+            counts[planned.source]["docs"] += 1
         bar.update(len(batch))
         batch.clear()
 
     if units is None:
-        units = partition_units(_units(cfg), index, cfg.num_partitions)
-    for source, record, tag in _records(cfg, units):
+        units = partition_plan(_plan(cfg), index, cfg.num_partitions)
+    for planned, record, tag in _records(cfg, units):
+        source = planned.source
         inputs += 1
         counts[source]["inputs"] += 1
         if isinstance(record, Reject):
@@ -342,7 +350,7 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
             reject(source, Reject(record.source, record.record_id, "duplicate_id", f"key {record.key}"), tag)
             continue
         seen.add(record.key)
-        batch.append((source, record, tag))
+        batch.append((planned, record, tag))
         if len(batch) >= cfg.doc_batch:
             flush()
     flush()
@@ -359,12 +367,13 @@ def _build_partition(cfg: BuildConfig, index: int, part: Path, tokenizers: Token
                              rejects=dict(sorted(Counter(r.reason for _, r in rejects).items())),
                              seconds=time.perf_counter() - start,
                              by_source={str(i): {k: c[k] for k in ("inputs", "docs", "rejected")}
-                                        for i, c in counts.items()})
+                                        for i, c in counts.items()},
+                             groups=list(writer.groups))
     write_json_atomic(part / DONE, result.to_json())  # last: marks the partition complete
     return result
 
 
-def _partition_task(args: tuple[BuildConfig, int, int, list[tuple[int, int, Any]]]) -> PartitionResult:
+def _partition_task(args: tuple[BuildConfig, int, int, list[Planned]]) -> PartitionResult:
     cfg, index, threads, units = args
     return run_partition(cfg, index, threads, units=units)
 
@@ -385,7 +394,7 @@ def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None, prog
     if existing is not None:
         print(f"{cfg.out}: already built ({len(existing.shards)} shards); nothing to do")
         return existing
-    units = _units(cfg)  # listed once; also surfaces source errors (missing files, bad columns) before any work
+    plan = _plan(cfg)  # listed once; also surfaces source errors (missing files, bad columns) before any work
     n = cfg.num_partitions
     pending = [i for i in range(n) if not (cfg.staging / f"part-{i:05d}" / DONE).exists()]
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -393,12 +402,12 @@ def build(cfg: BuildConfig, workers: int = 1, partition: int | None = None, prog
     bar = progress_bar(total=n, initial=n - len(pending), desc="partitions", disable=not progress)
     if workers <= 1:
         for i in pending:
-            run_partition(cfg, i, threads=threads, units=partition_units(units, i, n))
+            run_partition(cfg, i, threads=threads, units=partition_plan(plan, i, n))
             bar.update(1)
     else:
         # spawn: the parent may hold torch/tiktoken thread pools that fork would copy half-alive
         with mp.get_context("spawn").Pool(workers) as pool:
-            tasks = [(cfg, i, threads, partition_units(units, i, n)) for i in pending]
+            tasks = [(cfg, i, threads, partition_plan(plan, i, n)) for i in pending]
             for _ in pool.imap_unordered(_partition_task, tasks):
                 bar.update(1)
             pool.close()  # a clean shutdown; the with-block's terminate() leaks the pool's semaphores
@@ -457,6 +466,19 @@ def _check_unique_keys(staging: Path, results: list[PartitionResult]) -> None:
         previous = (key, index)
 
 
+def _ordered_shards(results: list[PartitionResult]) -> list[tuple[PartitionResult, ShardInfo]]:
+    """Every staged tar in global order: by unit group (a group is one partition's, its tars in the
+    order written), so the numbering does not depend on the partitioning. A partition staged by an
+    older moma (no groups recorded) sorts as if its tars were one group, after the grouped ones."""
+    ordered = []
+    for r in results:
+        groups = r.groups if r.groups is not None and len(r.groups) == len(r.shards) else None
+        for k, s in enumerate(r.shards):
+            ordered.append(((0, groups[k], 0, k) if groups is not None else (1, 0, r.index, k), r, s))
+    ordered.sort(key=lambda t: t[0])
+    return [(r, s) for _, r, s in ordered]
+
+
 def merge(out: str | Path, max_reject_fraction: float | None = DEFAULT_MAX_REJECT_FRACTION) -> Manifest:
     """Number the partitions' tars globally and write rejects.jsonl, sizes.json, manifest.json.
     More than `max_reject_fraction` of the inputs rejected (None: any share is accepted): the report
@@ -468,7 +490,7 @@ def merge(out: str | Path, max_reject_fraction: float | None = DEFAULT_MAX_REJEC
         settings = json.loads((staging / "build.json").read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{staging}/build.json missing: no partition of this build has started") from None
-    n = settings["num_partitions"]
+    n = settings.pop("num_partitions")  # not in the manifest: the output does not depend on it
     missing = [i for i in range(n) if not (staging / f"part-{i:05d}" / DONE).exists()]
     if missing:
         raise BuildError(f"cannot merge {out}: partitions {missing[:10]}{'...' if len(missing) > 10 else ''} "
@@ -488,14 +510,13 @@ def merge(out: str | Path, max_reject_fraction: float | None = DEFAULT_MAX_REJEC
                          f"{max_reject_fraction:g}: no manifest written; every reject is in {out / REJECTS}. "
                          f"To accept this build, rerun with --max-reject-fraction 1 (finished partitions are kept)")
     shards: list[ShardInfo] = []
-    for r in results:
-        for s in r.shards:
-            final = ShardInfo(**{**dataclasses.asdict(s), "name": f"{settings['prefix']}-{len(shards):06d}.tar"})
-            tmp = out / f".{final.name}.tmp"
-            tmp.unlink(missing_ok=True)
-            os.link(staging / f"part-{r.index:05d}" / s.name, tmp)  # hard link: no copy, atomic rename
-            os.replace(tmp, out / final.name)
-            shards.append(final)
+    for r, s in _ordered_shards(results):
+        final = ShardInfo(**{**dataclasses.asdict(s), "name": f"{settings['prefix']}-{len(shards):06d}.tar"})
+        tmp = out / f".{final.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.link(staging / f"part-{r.index:05d}" / s.name, tmp)  # hard link: no copy, atomic rename
+        os.replace(tmp, out / final.name)
+        shards.append(final)
     written = sum(s.docs for s in shards)
     assert written + rejected == inputs, "partition accounting does not add up"
     by_source = [Counter() for _ in settings["sources"]]

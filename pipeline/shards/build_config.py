@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moma.pipeline.readers.base import ReaderOptions
+from moma.pipeline.shards import groups
 from moma.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS
 
 STAGING = ".staging"
@@ -38,8 +39,9 @@ class BuildConfig:
     prefix: str = _opt("data", "shard names: PREFIX-000000.tar, ...")
     max_docs_per_shard: int = _opt(10_000, "documents per shard at most")
     max_mb_per_shard: float = _opt(1000.0, "megabytes per shard at most")
-    # fixed default: the output must not depend on --workers
-    num_partitions: int = _opt(16, "units of parallel work (a SLURM array task runs one)")
+    # the output depends on neither --workers nor this: it only spreads whole unit groups (shards/groups.py)
+    num_partitions: int = _opt(16, "units of parallel work (a SLURM array task runs one); the output does not "
+                                   "depend on it")
     doc_batch: int = _opt(256, "documents tokenized together", cli=False)
     max_reject_fraction: float | None = _opt(DEFAULT_MAX_REJECT_FRACTION,
                                              "fail (exit 2, no manifest; rejects.jsonl and the summary line say why) "
@@ -62,10 +64,11 @@ class BuildConfig:
         return int(self.max_mb_per_shard * 1e6)
 
     def settings(self) -> dict[str, Any]:
-        """Everything that decides the bytes of the output (recorded in the manifest)."""
+        """Everything that decides the bytes of the output (recorded in the manifest). Not
+        num_partitions: the output does not depend on it (the staging records it, build.py)."""
         return {"sources": self.sources, "options": self.options.to_json(), "prefix": self.prefix,
                 "max_docs_per_shard": self.max_docs_per_shard, "max_bytes_per_shard": self.max_bytes_per_shard,
-                "num_partitions": self.num_partitions, "max_pixels": self.max_pixels, "jpeg_draft": self.jpeg_draft,
+                "groups": groups.policy(), "max_pixels": self.max_pixels, "jpeg_draft": self.jpeg_draft,
                 "tokenizer_paths": {"text": self.text_tokenizer, "image": self.image_tokenizer}}
 
     @property

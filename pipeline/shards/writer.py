@@ -46,20 +46,24 @@ def encode_sample(key: str, tokens: np.ndarray, meta: dict[str, Any]) -> dict[st
 
 
 class ShardWriter:
-    """Rotating tar writer: a new shard after `max_docs` documents or `max_bytes` bytes."""
+    """Rotating tar writer: a new shard after `max_docs` documents or `max_bytes` bytes, and at every
+    change of `group` (the builder's unit groups, shards/groups.py: a tar never spans two, so its bytes
+    do not depend on which other groups the same writer saw). `groups[i]` is shards[i]'s group."""
 
     def __init__(self, directory: Path, name_pattern: str, max_docs: int, max_bytes: int) -> None:
         self.directory = directory
         self.name_pattern = name_pattern  # e.g. "shard-{:06d}.tar"
         self.max_docs, self.max_bytes = max_docs, max_bytes
         self.shards: list[ShardInfo] = []
+        self.groups: list[int] = []
         self._tar: Any = None  # webdataset.TarWriter (imported when the first shard opens: it imports torch)
         self._file: Any = None
         self._tmp: Path | None = None
 
-    def _open(self) -> None:
+    def _open(self, group: int) -> None:
         info = ShardInfo(self.name_pattern.format(len(self.shards)))
         self.shards.append(info)
+        self.groups.append(group)
         self._tmp = self.directory / f".{info.name}.tmp"
         import webdataset as wds
 
@@ -68,10 +72,12 @@ class ShardWriter:
         # tarfile writes a float mtime as a pax extended header, 1 KiB more per member.
         self._tar = wds.TarWriter(self._file, user="moma", group="moma", mode=0o444, mtime=0)
 
-    def write(self, key: str, tokens: np.ndarray, meta: dict[str, Any], text_tokens: int, image_tokens: int) -> None:
-        if self._tar is None or self.shards[-1].docs >= self.max_docs or self.shards[-1].bytes >= self.max_bytes:
+    def write(self, key: str, tokens: np.ndarray, meta: dict[str, Any], text_tokens: int, image_tokens: int,
+              group: int = 0) -> None:
+        if self._tar is None or self.groups[-1] != group or self.shards[-1].docs >= self.max_docs or \
+                self.shards[-1].bytes >= self.max_bytes:
             self._close_current()
-            self._open()
+            self._open(group)
         assert self._tar is not None
         size = self._tar.write(encode_sample(key, tokens, meta))
         info = self.shards[-1]
