@@ -79,6 +79,17 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # the routers are a few MB, so there is nothing for ZeRO to partition — and DeepSpeed's ZeRO
         # optimizer refuses a MoE model without a trainable expert parameter group. Plain data parallel.
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
+    bf16 = ds.get("bf16", {})
+    if bf16.get("enabled") and ds.get("data_types", {}).get("grad_accum_dtype") == "fp32" \
+            and ds.get("zero_optimization", {}).get("stage", 0) <= 1 and not bf16.get("immediate_grad_update"):
+        # DeepSpeed 0.19.8 then uses its BF16_Optimizer, which clears the bf16 .grad before each backward
+        # only from hooks on the forward's output tensors; our forward returns a ModelOutput dataclass, which
+        # DeepSpeed does not look into: each micro-batch re-added the earlier ones (4 g1 + 3 g2 + 2 g3 + g4
+        # at accumulation 4; tests/test_bf16.py). immediate_grad_update moves each gradient into the fp32
+        # buffer as it is produced and drops the bf16 one.
+        raise ConfigError("bf16 with data_types.grad_accum_dtype fp32 under ZeRO stage 0/1 needs "
+                          "bf16.immediate_grad_update: true (DeepSpeed's BF16_Optimizer double-counts accumulated "
+                          "gradients otherwise)")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError("fp16 is not supported (use bf16 or fp32; fp16 also fails on CPU)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)

@@ -55,8 +55,19 @@ def launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def uses_cuda(backend: str | None = None) -> bool:
+    """Whether this rank computes on a GPU: CUDA is visible, DeepSpeed's accelerator is CUDA
+    (DS_ACCELERATOR unset or "cuda") and the backend asked for is not gloo. So a gloo test
+    (DS_ACCELERATOR=cpu) stays on the CPU on a GPU machine too, two ranks on a one-GPU machine included."""
+    if backend == "gloo" and "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator (at first use)
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
 def init_distributed(backend: str | None = None) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPUs)."""
+    """Initialise torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU (or when asked for:
+    then on the CPU, whatever GPUs are visible)."""
+    cuda = uses_cuda(backend)
     configure_accelerator()
     import deepspeed
 
@@ -65,14 +76,28 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-    cuda = torch.cuda.is_available()
     if cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local} needs GPU {local}, but {torch.cuda.device_count()} GPU(s) are "
+                               f"visible: launch at most that many ranks per node (or DS_ACCELERATOR=cpu for gloo)")
         torch.cuda.set_device(local)
+        enable_tf32()
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"))
     if not cuda:
         _unlink_shm_buffer(rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local,
                     device=torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def enable_tf32() -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later): the fp32 presets
+    (zero*_fp32) otherwise run at a fraction of the GPU's rate. Weights, master copies, gradients and
+    reductions stay fp32; only the matmul inputs are rounded to a 10-bit mantissa (as Megatron and
+    torchtitan do by default). MOMA_TF32=0 turns it off (bitwise fp32 matmuls)."""
+    if os.environ.get("MOMA_TF32", "1") != "0":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
 
 
 def _unlink_shm_buffer(rank: int) -> None:
@@ -117,10 +142,16 @@ def expert_parallel_rank(ep_size: int) -> int:
 
 def build_model(cfg: ModelConfig, ep_size: int = 1, seed: int = 0, ep_rank: int = 0,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """This rank's model (its `E / ep_size` experts per group), initialised by global names."""
+    """This rank's model (its `E / ep_size` experts per group), initialised by global names, its
+    parameters in `dtype`. Floating-point buffers stay fp32: the RoPE tables in bf16 put cos/sin
+    off by up to 2e-3 (4e-3 in the angle), as DeepSpeed's own bf16 cast keeps buffers too."""
     model = Transformer(cfg, ep_size=ep_size)
     init_weights(model, seed, ExpertLayout(ep_size, ep_rank))
-    return model.to(device=device, dtype=dtype)
+    model.to(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -190,7 +221,8 @@ class AllToAll:
         """Every rank's list of counts (causal routing: rows per expert, known only after routing)."""
         import torch.distributed as dist
 
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        nccl = dist.get_backend(self.group) == "nccl"  # gloo groups take CPU tensors, on a GPU machine too
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
         t = torch.tensor(mine, dtype=torch.long, device=device)
         every = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(every, t, group=self.group)
