@@ -381,7 +381,8 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=_positive_int, default=None, help="default: the run's data.seq_len")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("plot", help="PNG loss curves by modality from a run's metrics.jsonl")
+    p = sub.add_parser("plot", help="PNG loss curves by modality from a run's metrics.jsonl (plots/loss.png; "
+                                    "plots/heldout.png: held-out loss, expert choice and causal)")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_plot)
 
@@ -558,9 +559,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from moma.pipeline.training.metrics import plot
+    from moma.pipeline.training.metrics import plot, plot_heldout
 
     print(f"wrote {plot(args.run_dir)}")
+    heldout = plot_heldout(args.run_dir)  # held-out curves, both routings when the run has them
+    if heldout is not None:
+        print(f"wrote {heldout}")
     return 0
 
 

@@ -111,3 +111,21 @@ def test_moma_eval_equals_training_with_the_runs_own_data_settings(data: dict[st
     out = capsys.readouterr()
     assert json.loads(out.out.strip().splitlines()[-1])["batches"] == trained["batches"]
     assert "evaluating those once" in caplog.text
+
+
+def test_moma_plot_draws_the_heldout_curves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from moma.pipeline.training.metrics import read_eval_rows
+
+    rows = [{"step": s, "loss": 3.0 - s / 10, "loss_text": 2.0, "loss_image": 4.0, "lr": 1e-3} for s in (1, 2, 3, 4)]
+    rows += [{"step": s, "eval": {"loss": 3.0 - s / 5, "loss_text": 2.5, "loss_image": 3.5},
+              "eval_causal": {"loss": 3.2 - s / 5, "loss_text": 2.6, "loss_image": None}} for s in (2, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["step"] for r in read_eval_rows(tmp_path)] == [2, 4]
+    assert cli_main(["plot", str(tmp_path)]) == 0
+    assert "heldout.png" in capsys.readouterr().out
+    assert Image.open(tmp_path / "plots" / "heldout.png").size[0] > 300
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (tmp_path / "plots" / "heldout.png").unlink()
+    assert cli_main(["plot", str(tmp_path)]) == 0 and not (tmp_path / "plots" / "heldout.png").exists()

@@ -124,3 +124,59 @@ def test_expert_choice_without_auxiliary_routers_cannot_generate(toks: tuple[Pat
     export = write_export(tmp_path / "ec", toks, "moma_4t4i", aux=False)
     with pytest.raises(ValueError, match="generation needs its auxiliary routers"):
         load_generator(export)
+
+
+def biased_export(d: Path, toks: tuple[Path, Path], favour: str) -> Path:
+    """A dense export whose next-token choice is fixed: every block adds nothing to the residual
+    stream (wo, w2 = 0) and every embedding is the same vector, so the logits are the same at every
+    position — 0 everywhere but the favoured control token's (32)."""
+    from safetensors.torch import load_file
+
+    export = write_export(d, toks, "dense")
+    state = load_file(str(export / "model.safetensors"))
+    vocab = Tokenizers.load(str(toks[0]), str(toks[1])).vocab
+    for k in state:
+        if k.endswith(("wo.weight", "w2.weight")):
+            state[k].zero_()
+    state["tok_embeddings.weight"].fill_(1.0)
+    state["output.weight"].zero_()
+    state["output.weight"][getattr(vocab, f"{favour}_id")] = 1.0
+    save_file(state, str(export / "model.safetensors"))
+    return export
+
+
+def test_min_new_tokens_bans_the_end_of_the_document(toks: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    export = biased_export(tmp_path / "eos", toks, "eos")
+    gen, text, image = load_generator(export)
+    prompt, _ = encode_prompt(gen.vocab, text, image, "a red square")
+    eos = gen.vocab.eos_id
+    assert gen.generate(prompt, SamplingConfig(max_new_tokens=10, seed=0)) == [eos]  # what a user got
+    new = gen.generate(prompt, SamplingConfig(max_new_tokens=10, min_new_tokens=6, seed=0))
+    assert len(new) == 7 and new[-1] == eos and eos not in new[:6]
+    with pytest.raises(ValueError, match="min_new_tokens 11"):
+        gen.generate(prompt, SamplingConfig(max_new_tokens=10, min_new_tokens=11))
+    # a caption of a picture: text, at least 5 tokens, by default (the README's command)
+    (tmp_path / "in.png").write_bytes(png(1))
+    assert cli_main(["generate", "--model", str(export), "--image", str(tmp_path / "in.png"), "--prompt", ""]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["new_tokens"] == 6 and out["text"] and out["images"] == 0 and out["unfinished_image"] is False
+
+
+def test_an_image_is_started_only_when_the_budget_finishes_it(toks: tuple[Path, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    export = biased_export(tmp_path / "boi", toks, "boi")
+    gen, text, image = load_generator(export)
+    prompt, _ = encode_prompt(gen.vocab, text, image, "a red square")
+    v, codes = gen.vocab, gen.image_codes
+    short = gen.generate(prompt, SamplingConfig(max_new_tokens=codes, seed=0))  # one short of an image
+    assert v.boi_id not in short and (len(short) == codes or short[-1] == v.eos_id)
+    room = gen.generate(prompt, SamplingConfig(max_new_tokens=codes + 5, seed=0))
+    assert room[0] == v.boi_id and room[codes + 1] == v.eoi_id and v.boi_id not in room[1:]
+    assert not gen.unfinished_image(prompt + room)
+    # an image asked for with too small a budget: reported, not dropped silently
+    assert cli_main(["generate", "--model", str(export), "--prompt", "x", "--generate-image", "--max-new-tokens",
+                     "10"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert out["unfinished_image"] is True and out["images"] == 0 and "ends inside an image" in captured.err

@@ -158,3 +158,50 @@ def plot(run_dir: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def read_eval_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The held-out rows of metrics.jsonl (`eval`, and `eval_causal` once the model has auxiliary
+    routers), the last record of each step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "step" in row and ("eval" in row or "eval_causal" in row):
+                by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_heldout(run_dir: str | Path) -> Path | None:
+    """plots/heldout.png: held-out loss by modality vs step, expert choice solid and causal routing
+    dashed (when the run evaluated both); None when the run has no held-out rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_eval_rows(run_dir)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = {"loss": "black", "loss_text": "tab:blue", "loss_image": "tab:orange"}
+    for routing, style, name in (("eval", "-", "expert choice"), ("eval_causal", "--", "causal")):
+        points = [(r["step"], r[routing]) for r in rows if routing in r]
+        for key, label in (("loss", "all"), ("loss_text", "text"), ("loss_image", "image")):
+            xy = [(s, e[key]) for s, e in points if e.get(key) is not None and math.isfinite(e[key])]
+            if xy:
+                ax.plot(*zip(*xy), style, marker="o", markersize=3, color=colors[key], label=f"{label}, {name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    ax.set_title("held-out loss by modality")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = run_dir / "plots" / "heldout.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
