@@ -206,7 +206,7 @@ def test_training_after_upcycling_continues_the_data_with_a_fresh_schedule(runs:
     assert [r["lr"] for r in four] != pytest.approx([r["lr"] for r in one[4:8]])  # not 1t1i's schedule
     info = json.loads((runs["up"] / "export.json").read_text())
     assert info["step"] == 4 and info["upcycled"]["from"] == "moma_1t1i"
-    assert json.loads((runs["up"] / "config.json").read_text())["ffn"] == "moma_4t4i"
+    assert json.loads((runs["up"] / "config.json").read_text())["moma"]["ffn"] == "moma_4t4i"  # HF-style
     log = (runs["dir"] / "m4.log").read_text()
     assert "starting from" in log and "data position" in log
 

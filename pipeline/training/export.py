@@ -29,12 +29,14 @@ paths) still load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,40 @@ def read_export(directory: str | Path) -> ExportInfo:
                 for k, v in toks.items()}
     info = _json(directory / "export.json") if (directory / "export.json").exists() else {}
     return ExportInfo(directory, cfg, vocab, resolved, info.get("heldout"), info)
+
+
+def model_dir_config(directory: str | Path) -> dict[str, Any]:
+    """The model config (ModelConfig JSON) of a model directory (an export, `moma upcycle`'s output)."""
+    config = _json(Path(directory) / "config.json")
+    return config["moma"] if "moma" in config else config
+
+
+@contextlib.contextmanager
+def open_weights(directory: str | Path) -> Iterator[Callable[[str], torch.Tensor | None]]:
+    """A model directory's tensors by the model's own (global) parameter names, read memory-mapped on
+    demand (a rank reads only what it holds): `get(name)` -> the tensor, or None when absent."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    to_internal = internal_names(expected_shapes(ModelConfig.from_json(model_dir_config(directory))))
+    where: dict[str, tuple[Path, str]] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for file in weight_files(directory):
+            try:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise ExportError(f"{file}: not a complete safetensors file ({str(e).splitlines()[0]}); re-export "
+                                  f"it") from None
+            where.update({to_internal.get(k, k): (file, k) for k in handles[file].keys()})
+
+        def get(name: str) -> torch.Tensor | None:
+            if name not in where:
+                return None
+            file, key = where[name]
+            return handles[file].get_tensor(key)
+
+        yield get
 
 
 def load_exported(directory: str | Path, device: str = "cpu") -> Transformer:

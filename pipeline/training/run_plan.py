@@ -139,13 +139,13 @@ def _same_model(key: str, path: str, saved: dict[str, Any], model: ModelConfig, 
 def check_init_source(path: str, model: ModelConfig) -> Path:
     """The model a run starts from (`init_from`, e.g. `moma upcycle`'s output): an export directory
     holding this very model (capacity factor and run settings may differ)."""
-    from moma.pipeline.training.export import WEIGHTS
+    from moma.pipeline.training.export import WEIGHTS, is_export, model_dir_config
 
     root = Path(path)
-    if not (root / WEIGHTS).exists() or not (root / "config.json").exists():
+    if not is_export(root):
         raise ConfigError(f"init_from: {path} is not a model directory (no {WEIGHTS} / config.json; make one with "
                           f"`moma upcycle` or `moma export`)")
-    saved = json.loads((root / "config.json").read_text())
+    saved = model_dir_config(root)
     _same_model("init_from", path, saved, model, ignore=("capacity_factor", "aux_routers"))
     return root
 

@@ -152,13 +152,10 @@ def freeze_all_but_aux_routers(model: torch.nn.Module, tag_dir: Path, ep: int, e
 def load_init_weights(model: torch.nn.Module, directory: Path, ep: int, ep_rank: int) -> None:
     """`init_from`: every parameter from the model directory's safetensors, read memory-mapped
     (a rank reads only the tensors it holds)."""
-    from safetensors import safe_open
+    from moma.pipeline.training.export import open_weights
 
-    from moma.pipeline.training.export import WEIGHTS
-
-    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
-        keys = set(f.keys())
-        _copy_weights(model, lambda name: f.get_tensor(name) if name in keys else None, directory, ep, ep_rank)
+    with open_weights(directory) as get:  # clean or internal names, one file or shards
+        _copy_weights(model, get, directory, ep, ep_rank)
 
 
 def init_loader_states(directory: Path) -> list[dict[str, Any]] | None:
