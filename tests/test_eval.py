@@ -129,3 +129,16 @@ def test_moma_plot_draws_the_heldout_curves(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     (tmp_path / "plots" / "heldout.png").unlink()
     assert cli_main(["plot", str(tmp_path)]) == 0 and not (tmp_path / "plots" / "heldout.png").exists()
+
+
+def test_an_auxiliary_router_fit_logs_the_causal_figure_first() -> None:
+    """The frozen model's expert-choice loss is the same at every evaluation of a fit: the line leads
+    with the causal loss and the routers' precision / recall (before: only the expert-choice figure)."""
+    ec = {"loss": 2.0, "loss_text": 1.0, "loss_image": 3.0}
+    causal = {"loss": 2.5, "loss_text": 1.5, "loss_image": None}
+    routers = {"0.text": {"precision": 0.9, "recall": 0.6}, "0.image": {"precision": 0.7, "recall": 0.4}}
+    assert ev.progress_line(8, {"eval": ec}) == "step 8: held-out loss 2.0000 (text 1.0000, image 3.0000)"
+    assert ev.progress_line(8, {"eval": ec, "eval_causal": causal, "eval_aux_routers": routers}) == (
+        "step 8: held-out loss, causal routing 2.5000 (text 1.5000, image -); auxiliary routers vs expert choice: "
+        "precision 0.800, recall 0.500 (mean of 2 layer groups); frozen model, expert choice 2.0000 "
+        "(text 1.0000, image 3.0000)")

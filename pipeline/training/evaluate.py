@@ -218,3 +218,24 @@ def load_for_eval(path: str | Path) -> tuple[torch.nn.Module, Vocab, HeldoutSett
                          f"unexpected {unexpected[:3]})")
     return (model.eval(), Vocab.from_json(client["vocab"], source=str(tag_dir)),
             HeldoutSettings.from_run_config(client.get("config", {})))
+
+
+def progress_line(step: int, row: dict[str, Any]) -> str:
+    """The log line of one held-out evaluation: expert choice and, when present, causal routing; for an
+    auxiliary-router fit (the main model frozen, its expert-choice figure the same every time) the
+    causal loss first, with the routers' mean precision / recall against expert choice."""
+    def losses(e: dict[str, Any]) -> str:
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+        return f"{f(e.get('loss'))} (text {f(e.get('loss_text'))}, image {f(e.get('loss_image'))})"
+
+    routers = row.get("eval_aux_routers")
+    if routers and "eval_causal" in row:
+        mean = {k: sum(g.get(k, 0.0) for g in routers.values()) / len(routers) for k in ("precision", "recall")}
+        return (f"step {step}: held-out loss, causal routing {losses(row['eval_causal'])}; auxiliary routers vs "
+                f"expert choice: precision {mean['precision']:.3f}, recall {mean['recall']:.3f} (mean of "
+                f"{len(routers)} layer groups); frozen model, expert choice {losses(row['eval'])}")
+    line = f"step {step}: held-out loss {losses(row['eval'])}"
+    if "eval_causal" in row:
+        line += f"; causal routing {losses(row['eval_causal'])}"
+    return line

@@ -54,7 +54,7 @@ from moma.pipeline.training.engine import (
     launch_env,
     routing_for,
 )
-from moma.pipeline.training.evaluate import evaluate, heldout_batches
+from moma.pipeline.training.evaluate import evaluate, heldout_batches, progress_line
 from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb, routing_health
 from moma.pipeline.training.run_plan import RunPlan, check_aux_source, plan_run
 from moma.pipeline.training.stopping import StopRequest
@@ -429,8 +429,7 @@ def _evaluate(cfg: TrainConfig, plan: RunPlan, engine: Any, heldout: list[dict[s
     engine.train()
     if writer is not None:
         writer.write(row)
-        write_progress(f"step {step}: held-out loss {row['eval']['loss']:.4f} (text {_fmt(row['eval']['loss_text'])}, "
-                       f"image {_fmt(row['eval']['loss_image'])})")
+        write_progress(progress_line(step, row))  # the causal figure first for an auxiliary-router fit
 
 
 def _grad_norm(engine: Any) -> float | None:
