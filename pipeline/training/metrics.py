@@ -205,3 +205,13 @@ def plot_heldout(run_dir: str | Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def check_logging(logging_cfg: Any) -> None:
+    """Refuse, before anything launches, a logger whose package is missing (`moma train --check`
+    runs this; training used to print a line after launch and go on without it)."""
+    import importlib.util
+
+    if logging_cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("logging.tensorboard: the tensorboard package is not installed: pip install "
+                         "'moma[tensorboard]' (jobs/setup.sh installs it), or set logging.tensorboard=false")

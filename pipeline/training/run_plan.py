@@ -171,9 +171,15 @@ def check_aux_source(path: str, model: ModelConfig) -> Path:
 
 def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     """Resolve and check the whole run; raises ConfigError naming what is wrong."""
+    from moma.pipeline.training.metrics import check_logging
+
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     check_settings(cfg, world_size)  # every numeric setting's range and every choice, naming its key
+    try:
+        check_logging(cfg.logging)  # a logger whose package is missing: refused here, not after launch
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.max_steps < 1:
         raise ConfigError("max_steps must be >= 1")
     if cfg.stop_at_step is not None and not 0 < cfg.stop_at_step <= cfg.max_steps:
