@@ -9,7 +9,7 @@ The property test checks on one process what `--check` (plan_run) decides; a val
 must belong to a (key, kind of value) that one of RUNS launches for real. Old code: checkpoint.every
 0 passed --check, then every rank died at its first step (ZeroDivisionError: integer modulo by zero);
 logging.every 0 the same; seed -1, data.num_workers -1, optim.lr -1, data.prefetch_factor 10^12 ...
-passed --check too.
+passed --check too, and data.open_shards 10^12 passed it and then every rank ran out of memory.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ FIELDS = leaves(TrainConfig)
 RUNS: list[dict[str, tuple[str, str]]] = [
     {"seed": ("zero", "0"), "max_steps": ("huge", str(HUGE_INT)), "max_nonfinite_in_a_row": ("zero", "0"),
      "data.shuffle_buffer": ("huge", str(HUGE_INT)), "data.num_workers": ("zero", "0"),
-     "data.open_shards": ("huge", str(HUGE_INT)), "optim.lr": ("zero", "0"), "optim.eps": ("huge", "1.0e+30"),
+     "optim.lr": ("zero", "0"), "optim.eps": ("huge", "1.0e+30"),
      "optim.weight_decay": ("zero", "0"), "optim.grad_clip": ("zero", "0"), "schedule.warmup_steps": ("zero", "0"),
      "schedule.min_lr_ratio": ("zero", "0"), "checkpoint.every": ("zero", "0"), "checkpoint.keep": ("zero", "0"),
      "logging.peak_flops": ("huge", "1.0e+30"), "logging.progress_seconds": ("zero", "0"),

@@ -21,6 +21,7 @@ MAX_GRAD_ACCUM = 2**16
 MAX_MICRO_TOKENS = 2**24  # micro_batch x seq_len per rank: far beyond any device's activation memory
 MAX_PREFETCH = 1024  # DataLoader queues prefetch_factor x workers items at once (a loop that long first)
 MAX_TRANSPORT_CHUNK = 1024  # the first batch waits for a whole chunk
+MAX_OPEN_SHARDS = 1024  # a stream's lanes are laid out up front (10^12 of them: MemoryError in every rank)
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -50,7 +51,7 @@ INT_RANGES: dict[str, tuple[int | None, int | None, str]] = {
     "data.seq_len": (1, None, ""),
     "data.shuffle_buffer": (1, None, " (1: no shuffling)"),
     "data.num_workers": (0, None, " (0: the stream in the rank's own process)"),
-    "data.open_shards": (1, None, ""),
+    "data.open_shards": (1, MAX_OPEN_SHARDS, ""),
     "data.prefetch_factor": (1, MAX_PREFETCH, ""),
     "data.transport_chunk": (1, MAX_TRANSPORT_CHUNK, " (null: automatic)"),
     "schedule.warmup_steps": (0, None, ""),
@@ -80,11 +81,11 @@ def check_settings(cfg: Any, world_size: int | None = None) -> None:
     from moma.pipeline.model.config import SIZES, parse_ffn
 
     if cfg.model.preset not in SIZES:
-        raise ConfigError(f"model.preset = {cfg.model.preset!r}: choose one of {sorted(SIZES)}")
+        raise ConfigError(f"model.preset: unknown model preset {cfg.model.preset!r}; choose one of {sorted(SIZES)}")
     try:
         parse_ffn(cfg.model.ffn)
     except ValueError as e:
-        raise ConfigError(f"model.ffn = {cfg.model.ffn!r}: {e}") from None
+        raise ConfigError(f"model.ffn: {e}") from None
     for key, (lo, hi, why) in INT_RANGES.items():
         _in(key, _get(cfg, key), lo, hi, why)
     for key, (lo, hi, why, lo_open) in FLOAT_RANGES.items():
@@ -96,8 +97,8 @@ def check_settings(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError(f"optim.weight_decay = {cfg.optim.weight_decay}: with optim.lr {cfg.optim.lr} each step "
                           f"would scale the weights by 1 - lr x weight_decay <= 0; lower it")
     if world_size is not None and world_size % cfg.parallel.ep_size:
-        raise ConfigError(f"parallel.ep_size = {cfg.parallel.ep_size}: the world size {world_size} is not a multiple "
-                          f"of it")
+        raise ConfigError(f"parallel.ep_size: world size {world_size} is not a multiple of expert-parallel size "
+                          f"{cfg.parallel.ep_size}")
     tokens = cfg.parallel.micro_batch * cfg.data.seq_len
     if tokens > MAX_MICRO_TOKENS:
         raise ConfigError(f"parallel.micro_batch {cfg.parallel.micro_batch} x data.seq_len {cfg.data.seq_len} = "
