@@ -318,6 +318,9 @@ def _training_commands(sub: argparse._SubParsersAction) -> None:
                    help="print the resolved config, batch arithmetic, parameters and expert placement; no DeepSpeed")
     p.add_argument("--check", action="store_true", help="validate only (what job scripts run before launching)")
     p.add_argument("--world-size", type=int, default=None, help="for --dry-run/--check: the world size to plan for")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="per-GPU memory the layout must fit (--dry-run: default 80, prints the plan; --check: "
+                        "only when given); a layout that does not fit is refused naming its biggest item")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="checkpoint -> a self-contained model directory: safetensors with every "
@@ -400,6 +403,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         plan = plan_run(cfg, world)
         print(plan.describe() if args.dry_run else f"config ok for world size {world}: {plan.model.ffn} "
               f"{cfg.model.preset}, {plan.ds_config['train_batch_size']} sequences per step")
+        if args.dry_run or args.gpu_memory is not None:
+            from moma.pipeline.training.memory_plan import plan_for_run
+
+            memory = plan_for_run(plan, 80.0 if args.gpu_memory is None else args.gpu_memory)
+            if args.dry_run:
+                print("\n" + memory.describe())
+            memory.check()
         return 0
     from moma.pipeline.training.train import train
 

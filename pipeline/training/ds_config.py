@@ -80,8 +80,12 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # optimizer refuses a MoE model without a trainable expert parameter group. Plain data parallel.
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 0}
     bf16 = ds.get("bf16", {})
+    if bf16.get("enabled") and zero_stage(ds) == 0 and "grad_accum_dtype" in ds.get("data_types", {}):
+        # DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only under ZeRO 1/2 (stage 0 raises
+        # "unsupported mix"); stage 0 here is the auxiliary-router fit, a few MB of trainable weights
+        ds["data_types"] = {k: v for k, v in ds["data_types"].items() if k != "grad_accum_dtype"}
     if bf16.get("enabled") and ds.get("data_types", {}).get("grad_accum_dtype") == "fp32" \
-            and ds.get("zero_optimization", {}).get("stage", 0) <= 1 and not bf16.get("immediate_grad_update"):
+            and zero_stage(ds) == 1 and not bf16.get("immediate_grad_update"):
         # DeepSpeed 0.19.8 then uses its BF16_Optimizer, which clears the bf16 .grad before each backward
         # only from hooks on the forward's output tensors; our forward returns a ModelOutput dataclass, which
         # DeepSpeed does not look into: each micro-batch re-added the earlier ones (4 g1 + 3 g2 + 2 g3 + g4

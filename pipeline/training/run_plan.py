@@ -216,6 +216,9 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     try:
         check_parallel_layout(model, cfg.parallel.ep_size, world_size, zero_stage(ds))
     except ParallelConfigError as e:
-        raise ConfigError(str(e)) from None
+        from moma.pipeline.training.memory_plan import working_ep_sizes
+
+        raise ConfigError(f"{e}; layouts that work on {world_size} GPUs: ep_size "
+                          f"{', '.join(map(str, working_ep_sizes(model, world_size)))}") from None
     return RunPlan(cfg=cfg, world_size=world_size, vocab=vocab, model=model, ds_config=ds,
                    accounting=count(model, cfg.data.seq_len), manifests=[r.manifest for r in resolved])
