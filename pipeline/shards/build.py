@@ -7,10 +7,10 @@ Unit of parallel work: partition i of n. The readers' units (files, row groups, 
 listed in a deterministic order and cut into groups of consecutive units by weights known before
 any record is read (shards/groups.py); partition i takes every n-th group, whole, and writes its
 tars into ``OUT/.staging/part-i/`` (a tar never spans two groups) and, last, ``done.json``. A rerun
-skips partitions with ``done.json`` and
-redoes any other from scratch, so a build killed at any moment (even SIGKILL) and rerun ends with
-exactly the shards of an uninterrupted build. The same partition runs as a local process (--workers)
-or as a SLURM array task (--partition i --num-partitions n; then `moma shards merge OUT`).
+skips partitions with ``done.json`` and redoes any other from scratch, so a build killed at any
+moment (even SIGKILL) and rerun ends with exactly the shards of an uninterrupted build. The same
+partition runs as a local process (--workers) or as a SLURM array task (--partition i
+--num-partitions n; then `moma shards merge OUT`).
 
 The merge numbers the partitions' tars globally in group order ({prefix}-000000.tar, ...; a hard
 link each, no copy), writes rejects.jsonl (interleaved back into unit order), sizes.json and, last,
