@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moma.pipeline.loader.loader import DataConfig, DataSource, PackedLoader
-from moma.pipeline.loader.shard_reader import ShardDataError
+from moma.pipeline.loader.shard_reader import ShardChecksumError, ShardDataError
 from moma.pipeline.loader.stream import reading_epoch
 from moma.pipeline.shards.build import BuildConfig, build
 from moma.pipeline.shards.inspect import iter_samples
@@ -428,3 +428,42 @@ def test_starting_the_loader_does_not_draw_from_torchs_global_rng(data: dict) ->
     loader = make(cfg(data["main"], workers=2))
     take(loader, 1)
     assert torch.equal(torch.rand(3), expected)
+
+
+# --- data.verify_shards ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_verify_shards_refuses_a_changed_shard_naming_it(data: dict, tmp_path: Path, workers: int) -> None:
+    """One flipped byte inside a document's tokens (the tar still parses, the ids stay in range):
+    read silently without verification; with data.verify_shards the run stops naming the shard.
+    Intact shards give the same batches either way."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data["main"], damaged)
+    names = [s.name for s in Manifest.load(damaged).shards]
+    victim = damaged / names[2]
+    raw = bytearray(victim.read_bytes())
+    with tarfile.open(victim) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".tokens.npy"))
+    raw[member.offset_data + member.size - 4] ^= 0x01  # the low bit of the last token id (uint16/uint32)
+    victim.write_bytes(bytes(raw))
+    plain = epoch_docs([make(cfg(damaged, workers=workers))])
+    assert plain == Counter(_keys(data["main"]))  # nothing notices: every document arrives
+    with pytest.raises(ShardChecksumError, match=rf"{names[2]}: sha256 \w+\.\.\. differs from"):
+        epoch_docs([make(cfg(damaged, workers=workers, verify_shards=True))])
+    a, b = make(cfg(data["main"], workers=workers)), make(cfg(data["main"], workers=workers, verify_shards=True))
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) and x["doc_keys"] == y["doc_keys"]
+               for x, y in zip(take(a, 30), take(b, 30)))
+
+
+def test_verify_shards_needs_the_manifests_checksums(data: dict, tmp_path: Path) -> None:
+    import json
+
+    bare = tmp_path / "bare"
+    shutil.copytree(data["main"], bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = ""
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    name = manifest["shards"][1]["name"]
+    with pytest.raises(ValueError, match=rf"records no sha256 for {name}"):
+        make(cfg(bare, verify_shards=True))
+    assert take(make(cfg(bare)), 1)  # without verification the manifest is fine as it is

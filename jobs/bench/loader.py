@@ -1,7 +1,7 @@
 """Benchmark: the loader's tokens/s vs a bare tarfile + np.load loop over the same shards; and the
 tokens/s the tiny training preset consumes (the margin the loader leaves).
 
-    .venv/bin/python jobs/bench/loader.py --data runs/bench/shards [--workers 2] [--seq-len 256]
+    .venv/bin/python jobs/bench/loader.py --data runs/bench/shards [--workers 2] [--seq-len 256] [--repeat 3]
 
 Both sides read every document of every shard once (the loader: one epoch, packed into batches of
 windows, 2 worker processes; bare: one process, `tarfile` + `np.load` of each tokens.npy). Prints
@@ -9,6 +9,13 @@ one JSON line; ratio = loader / bare (goal >= 0.9). The ratio depends on documen
 loop's cost is per document, the loader's mostly per batch (packing, state, worker -> main
 transfer), so short documents (captions) favour the loader and book-length ones the bare loop;
 run it on both kinds (the shard_build benchmark leaves text shards in DIR and COCO ones in DIR_coco).
+
+Shard verification (`data.verify_shards`: each stream hashes a shard as it first opens it): the
+same loader pass with it on, side by side with it off (`--repeat` alternating passes each, the
+best of each kept: the machine is shared): verify_cost_wall = 1 - verified / plain tokens/s, and
+verify_cost_cpu = verified / plain CPU seconds - 1 (workers included); the bare sha256 speed over the
+shards (`sha256_mb_per_s`, one process, per CPU second) and verify_cost_hashing = the CPU seconds of
+hashing every shard once over the plain pass's (the steadiest figure on a busy machine).
 
 Batch quality, over the first epoch of one stream (workers 0), from what the batches say:
 * rows_sharing_a_document: the share of batch rows whose tokens come from a document that another
@@ -23,8 +30,11 @@ it first on the path: `PYTHONPATH=/tmp/old_moma .venv/bin/python jobs/bench/load
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import io
 import json
+import resource
 import tarfile
 import time
 from pathlib import Path
@@ -57,10 +67,12 @@ def bare_pass(directory: Path, manifest: Manifest) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def make_loader(directory: Path, workers: int, seq_len: int, batch: int, seed: int = 0) -> PackedLoader:
+def make_loader(directory: Path, workers: int, seq_len: int, batch: int, seed: int = 0,
+                verify: bool = False) -> PackedLoader:
     if DataConfig is not None:
+        extra = {"verify_shards": True} if verify else {}  # an older checkout lacks the field
         return PackedLoader(DataConfig(sources=(DataSource(str(directory)),), seq_len=seq_len, num_workers=workers,
-                                       shuffle_buffer=1000), batch_size=batch, seed=seed)
+                                       shuffle_buffer=1000, **extra), batch_size=batch, seed=seed)
     else:  # an older checkout: LoaderConfig held the batch size and the seed
         from moma.pipeline.loader.loader import LoaderConfig
 
@@ -137,14 +149,57 @@ def startup_seconds(tmp: Path, vocab, n_shards: int = 100_000, world: int = 64, 
     return {"startup_100k_shards_s": round(built, 3), "resplit_100k_shards_64x4_to_32x4_s": round(resplit, 3)}
 
 
-def loader_pass(directory: Path, total: int, workers: int, seq_len: int, batch: int) -> tuple[int, float]:
-    loader = make_loader(directory, workers, seq_len, batch)
+def loader_pass(directory: Path, total: int, workers: int, seq_len: int, batch: int,
+                verify: bool = False) -> tuple[int, float]:
+    loader = make_loader(directory, workers, seq_len, batch, verify=verify)
     start, tokens = time.perf_counter(), 0
     for b in loader:
         tokens += b["input_ids"].numel()
         if tokens >= total:
             break
     return tokens, time.perf_counter() - start
+
+
+def sha256_mb_per_s(directory: Path, manifest: Manifest) -> float:
+    """Bare hashing speed over the shards (warm page cache), one process, per CPU second."""
+    start, size = time.process_time(), 0
+    for shard in manifest.shards:
+        with open(directory / shard.name, "rb") as f:
+            hashlib.file_digest(f, "sha256")
+        size += (directory / shard.name).stat().st_size
+    return size / 1e6 / (time.process_time() - start)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers, once joined)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def verify_cost(directory: Path, total: int, workers: int, seq_len: int, batch: int, repeat: int
+                ) -> dict[str, float]:
+    """The loader pass with and without data.verify_shards, alternating: best tokens/s of `repeat`
+    each (wall clock), and the least CPU seconds per pass (workers included; on a shared machine the
+    steadier figure)."""
+    best = {False: 0.0, True: 0.0}
+    cpu = {False: float("inf"), True: float("inf")}
+    for _ in range(repeat):
+        for verify in (False, True):
+            gc.collect()
+            before = cpu_seconds()
+            tokens, seconds = loader_pass(directory, total, workers, seq_len, batch, verify)
+            gc.collect()  # the pass's DataLoader iterator goes, its workers are joined: their CPU time counts
+            cpu[verify] = min(cpu[verify], cpu_seconds() - before)
+            best[verify] = max(best[verify], tokens / seconds)
+    manifest = Manifest.load(directory)
+    rate = sha256_mb_per_s(directory, manifest)
+    mb = sum((directory / s.name).stat().st_size for s in manifest.shards) / 1e6
+    return {"loader_tokens_per_s_best": round(best[False]), "loader_verified_tokens_per_s_best": round(best[True]),
+            "verify_cost_wall": round(1 - best[True] / best[False], 4),
+            "loader_cpu_s": round(cpu[False], 2), "loader_verified_cpu_s": round(cpu[True], 2),
+            "verify_cost_cpu": round(cpu[True] / cpu[False] - 1, 4),
+            "sha256_mb_per_s": round(rate, 1),
+            "verify_cost_hashing": round(mb / rate / cpu[False], 4)}  # every shard hashed once: its share of the CPU
 
 
 def training_tokens_per_s(vocab_size: int, image_offset: int, seq_len: int, batch: int, steps: int = 4) -> float:
@@ -173,6 +228,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--startup", action="store_true", help="also time start-up and re-split at 10^5 shards")
+    ap.add_argument("--repeat", type=int, default=3, help="passes with and without shard verification (best kept)")
     args = ap.parse_args()
     directory = Path(args.data)
     manifest = Manifest.load(directory)
@@ -183,6 +239,8 @@ def main() -> None:
     train_tps = training_tokens_per_s(manifest.vocab.size, manifest.vocab.image_offset, args.seq_len, args.batch)
     loader_tps, bare_tps = loader_tokens / loader_s, bare_tokens / bare_s
     quality = batch_quality(directory, manifest, args.seq_len, args.batch)
+    verification = verify_cost(directory, total, args.workers, args.seq_len, args.batch, args.repeat) \
+        if args.repeat > 0 and DataConfig is not None and "verify_shards" in DataConfig.__dataclass_fields__ else {}
     extra = {}
     if args.startup:
         import tempfile
@@ -194,7 +252,8 @@ def main() -> None:
                       "loader_tokens_per_s": round(loader_tps), "bare_tokens_per_s": round(bare_tps),
                       "ratio": round(loader_tps / bare_tps, 3),
                       "tiny_training_tokens_per_s": round(train_tps),
-                      "loader_margin_over_training": round(loader_tps / train_tps, 1), **quality, **extra}))
+                      "loader_margin_over_training": round(loader_tps / train_tps, 1), **verification, **quality,
+                      **extra}))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ batches in chunks (a few per item: the per-item cost of a worker -> main transfe
 torch DataLoader serves workers round-robin, so on resume the workers are rotated, and the first
 chunk shortened, to make the next batch come from the right stream.
 
+With `data.verify_shards` each stream hashes a shard when it first opens it (shard_reader.open_shard)
+and stops the run on a sha256 that differs from manifest.json's.
+
 Why not torchdata's StatefulDataLoader: its snapshots are opaque per-worker blobs, while re-splitting
 onto another world size needs every stream's cursor; batches that carry their own small state give
 exactly that, with a plain DataLoader.
@@ -78,6 +81,7 @@ class DataConfig:
     open_shards: int = 4  # shards one stream reads side by side (its share split into this many lanes)
     keep_images_whole: bool = False  # move an image that a window would cut into the next window
     strict: bool = False  # bad shard data stops the run instead of being counted and skipped
+    verify_shards: bool = False  # hash each shard as a stream first opens it; a sha256 mismatch stops the run
     prefetch_factor: int = 4
     transport_chunk: int | None = None  # raw batches per worker->main item; None: ~64k tokens, at most 16
     eval_sources: tuple[DataSource, ...] = ()  # held-out shards (training/evaluate.py; `eval.every`)
@@ -94,6 +98,16 @@ class ResolvedSource:
     manifest: Manifest
     shard_paths: tuple[str, ...]
     docs: tuple[int, ...]
+
+    def sha256s(self) -> tuple[str, ...]:
+        """Each shard's sha256 as manifest.json records it (data.verify_shards); one it lacks is an error."""
+        by_name = {s.name: s.sha256 for s in self.manifest.shards}
+        out = tuple(by_name[Path(p).name] for p in self.shard_paths)
+        lacking = [Path(p).name for p, h in zip(self.shard_paths, out) if len(h) != 64]
+        if lacking:
+            raise ValueError(f"data.verify_shards: {self.directory / 'manifest.json'} records no sha256 for "
+                             f"{lacking[0]} ({len(lacking)} shard(s)); rebuild the shards or set verify_shards false")
+        return out
 
 
 def resolve_source(src: DataSource) -> ResolvedSource:
@@ -140,6 +154,8 @@ def resolve_sources(data: DataConfig, streams: int, vocab: Vocab | None = None,
             r.manifest.check_tokenizers(first.manifest.vocab, r.directory, str(first.directory / "manifest.json"))
         if src.weight <= 0:
             raise ValueError(f"data.sources {src.path}: weight must be > 0, got {src.weight}")
+        if data.verify_shards:
+            r.sha256s()  # every shard has one to check against (refused here, before launch, if not)
         if sum(r.docs) < streams:
             raise ValueError(f"data.sources {src.path} has {sum(r.docs)} documents but the loader runs {streams} "
                              f"streams (ranks x max(1, data.num_workers)) and every stream needs one: use fewer "
@@ -195,7 +211,7 @@ class PackedLoader:
         self.stream_cfg = StreamConfig(data=data, batch_size=batch_size, seed=seed, vocab_size=self.vocab.size,
                                        pad_id=self.vocab.pad_id, boi_id=self.vocab.boi_id, eoi_id=self.vocab.eoi_id)
         self.plans = [SourceShards(r.docs, tuple(Path(p).name for p in r.shard_paths)) for r in self.resolved]
-        self.stream_sources = [StreamInput(r.shard_paths, plan, draw)
+        self.stream_sources = [StreamInput(r.shard_paths, plan, draw, r.sha256s() if data.verify_shards else ())
                                for r, plan, draw in zip(self.resolved, self.plans, self._draw_weights())]
         self.consumed = 0
         self.stream_states: dict[int, Any] = {}

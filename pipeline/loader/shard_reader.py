@@ -4,11 +4,15 @@ Tars are read sequentially with a lean member reader (shards/tar_reader.py; skip
 reads only headers). Which documents a stream reads, and in which order, is epoch_plan.py's
 business. Bad data is counted (by reason), logged with shard, key and byte offset, and skipped — or
 raised in strict mode: a shard missing on disk or empty, a truncated tar, a member that is not a
-valid .npy, a token id outside the vocabulary.
+valid .npy, a token id outside the vocabulary. With `data.verify_shards` a shard is hashed as it
+is first opened and a sha256 that differs from manifest.json's stops the run, naming the shard.
+
+A shard is opened in one place, `open_shard` (where another storage, e.g. an object store, plugs in).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -28,14 +32,42 @@ class ShardDataError(MomaError):
     """Bad shard data in strict mode."""
 
 
-class SegmentReader:
-    """Documents of one shard by index: `read(first, count)`, sequential reads continue the open tar."""
+class ShardChecksumError(ShardDataError):
+    """A shard whose bytes are not those manifest.json recorded (data.verify_shards)."""
 
-    def __init__(self, path: Path, vocab_size: int, bad: Counter, strict: bool) -> None:
+
+def open_shard(path: Path, sha256: str | None = None) -> BinaryIO:
+    """Open one shard for reading. With `sha256`, hash the file first through the same handle
+    (what is checked is what is then read) and refuse a mismatch; FileNotFoundError/OSError as open."""
+    f = open(path, "rb")
+    if sha256:
+        try:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        except BaseException:
+            f.close()
+            raise
+        if actual != sha256:
+            f.close()
+            raise ShardChecksumError(f"{path}: sha256 {actual[:16]}... differs from {sha256[:16]}... recorded in "
+                                     f"{path.parent / 'manifest.json'}: the shard was damaged or changed after the "
+                                     f"build (`moma shards verify {path.parent}` checks them all)")
+        f.seek(0)
+    return f
+
+
+class SegmentReader:
+    """Documents of one shard by index: `read(first, count)`, sequential reads continue the open tar.
+    `sha256`: verify the shard when it is opened, unless its path is in `verified` (shared by a
+    stream's readers: each shard is hashed once per stream process, not at every reopen)."""
+
+    def __init__(self, path: Path, vocab_size: int, bad: Counter, strict: bool, sha256: str | None = None,
+                 verified: set[Path] | None = None) -> None:
         self.path = path
         self.vocab_size = vocab_size
         self.bad = bad
         self.strict = strict
+        self.sha256 = sha256
+        self.verified = verified if verified is not None else set()
         self._tar: BinaryIO | None = None
         self._next_doc = 0  # index of the document the tar stream is positioned at
         self._dead = False  # missing/truncated: nothing more comes out of this shard
@@ -54,7 +86,10 @@ class SegmentReader:
                 self._problem("empty_shard", "-", "zero bytes", 0)
                 self._dead = True
                 return
-            self._tar = open(self.path, "rb")
+            check = self.sha256 if self.path not in self.verified else None
+            self._tar = open_shard(self.path, check)
+            if check:
+                self.verified.add(self.path)
         except FileNotFoundError:
             self._problem("missing_shard", "-", "listed in the manifest but not on disk")
             self._dead = True

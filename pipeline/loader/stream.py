@@ -40,11 +40,13 @@ Ref = tuple[int, int, int]  # (source, shard, document): a document anywhere in 
 
 @dataclasses.dataclass(frozen=True)
 class StreamInput:
-    """A source as every stream sees it: its shard files, their document counts, its draw weight."""
+    """A source as every stream sees it: its shard files, their document counts, its draw weight,
+    and (data.verify_shards) the sha256 manifest.json records for each shard."""
 
     shard_paths: tuple[str, ...]
     shards: SourceShards
     weight: float
+    shard_sha256: tuple[str, ...] = ()  # empty: shards are not verified
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +175,7 @@ class ShardReaders:
     def __init__(self, sources: list[StreamInput], cfg: StreamConfig, bad: Counter) -> None:
         self.sources, self.cfg, self.bad = sources, cfg, bad
         self._open: dict[tuple, tuple[int, SegmentReader]] = {}
+        self._verified: set[Path] = set()  # shards hashed once (data.verify_shards)
 
     def read(self, purpose: tuple, source: int, shard: int, first: int, count: int
              ) -> list[tuple[str, np.ndarray] | None]:
@@ -181,8 +184,10 @@ class ShardReaders:
         if held is None or held[0] != shard:
             if held is not None:
                 held[1].close()
-            path = Path(self.sources[source].shard_paths[shard])
-            held = self._open[key] = (shard, SegmentReader(path, self.cfg.vocab_size, self.bad, self.cfg.strict))
+            src = self.sources[source]
+            sha256 = src.shard_sha256[shard] if src.shard_sha256 else None
+            held = self._open[key] = (shard, SegmentReader(Path(src.shard_paths[shard]), self.cfg.vocab_size, self.bad,
+                                                           self.cfg.strict, sha256, self._verified))
         return held[1].read(first, count)
 
     def close(self) -> None:
