@@ -83,20 +83,22 @@ def test_every_carried_wheel_installs_on_python_312_without_torch_or_numpy(wheel
 @pytest.mark.slow
 def test_env_sh_installs_only_what_is_missing_and_maps_moma(wheels: Path, tmp_path: Path) -> None:
     """env.sh end to end with this venv standing in for the image: everything is installed here, so
-    pip's plan is empty, nothing is written next to the interpreter, and moma imports from the site."""
+    pip's plan is empty, nothing is written next to the interpreter, and moma (moma.load included)
+    imports from the checkout's files."""
     (tmp_path / "jobs" / "gpu").mkdir(parents=True)
     os.symlink(wheels, tmp_path / "jobs" / "gpu" / "wheels")
-    for d in ("pipeline", "tokenizers", "ds_configs"):
+    for d in ("pipeline", "tokenizers", "ds_configs", "moma"):
         os.symlink(REPO / d, tmp_path / d)
     (tmp_path / "jobs" / "configs").symlink_to(REPO / "jobs" / "configs")
     script = (f"set -euo pipefail; source {GPU / 'env.sh'}; "
-              "python -c 'import moma.pipeline.training.engine as e; print(e.__file__)'")
+              "python -c 'import moma, moma.pipeline.training.engine as e; print(callable(moma.load), e.__file__)'")
     env = {**os.environ, "PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "installed 0 carried wheel(s)" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1].endswith("/site/moma/pipeline/training/engine.py")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("True ") and Path(last.split()[1]).resolve() == REPO / "pipeline/training/engine.py", last
 
 
 def step_limits(script: Path) -> list[int]:
