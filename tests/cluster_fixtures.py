@@ -101,12 +101,14 @@ class Daemons:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.env = dict(os.environ, **{TAG: str(root)})
+        self.env = dict(os.environ, **{TAG: str(root)})  # for clients: what they start is tagged
+        # the daemons themselves untagged: kill_tagged (after a test's launch) must not hit them
+        self.daemon_env = {k: v for k, v in self.env.items() if k != TAG}
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.out", "wb")
         proc = subprocess.Popen(["timeout", "-k", "5", str(DAEMON_LIMIT_S), *cmd], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.daemon_env,
                                 start_new_session=True)
         log.close()
         self.procs.append((name, proc))
@@ -118,17 +120,27 @@ class Daemons:
                 tail = (self.root / f"{name}.out").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
 
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+        try:  # the whole session's group: the daemon outlives its `timeout` if that was killed alone
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def stop(self) -> None:
         for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            self._signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
         for _, proc in reversed(self.procs):
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                pass
+            self._signal_group(proc, signal.SIGKILL)  # whatever of the group is left
+            proc.wait(timeout=10)
         kill_tagged(str(self.root))  # whatever they started: job steps, ssh sessions, ranks
+        if not os.environ.get("MOMA_KEEP_CLUSTER"):  # set it to keep the daemons' logs
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 class SshHosts(Daemons):
@@ -201,8 +213,8 @@ class SlurmCluster(Daemons):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.conf = root / "slurm.conf"
-        self.env[  # every client command, and the daemons (so jobs inherit it) need it
-            "SLURM_CONF"] = str(self.conf)
+        for env in (self.env, self.daemon_env):  # every client command needs it, jobs too
+            env["SLURM_CONF"] = str(self.conf)
 
     def start_all(self) -> SlurmCluster:
         r = self.root
