@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch_fixtures import free_port
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -135,3 +136,17 @@ def test_the_gpu_scale_trains_bf16_and_logs_statistics_sparsely() -> None:
     assert len(runs) == 4 and sum(r.steps for r in runs) == 900
     assert all(r.steps % gpu.log_every == 0 for r in runs)  # the final step is a logged one
     assert "--variants moma_4t4i " in (GPU / "flops_savings.sh").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_moma_trains_path_on_cpu() -> None:
+    """gpu_check.py's smoke mode: the bf16 model, the zero1_bf16 engine and a step on the CPU, one
+    JSON line per variant with the dry run's plan next to the measurement."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(GPU / "gpu_check.py"), "--device", "cpu", "--presets", "tiny",
+                           "--ffn", "moma_4t4i", "--seq-len", "64", "--steps", "1"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"bench": "gpu_check"')]
+    assert [(r["preset"], r["ffn"], r["ds_config"]) for r in rows] == [("tiny", "moma_4t4i", "zero1_bf16")]
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["dry_run_gb"]["activations"] > 0

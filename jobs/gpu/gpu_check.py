@@ -2,8 +2,8 @@
 built by engine.build_model in bf16, the DeepSpeed engine from the zero1_bf16 preset (fp32
 accumulation and reduction, one rank), routing_for + engine forward/backward/step as train.py runs
 them. Dense and moma_4t4i, seq 4096, the paper's 65,536 vocabulary (random tokens, a quarter of them
-image codes). One JSON line per (preset, variant): tokens/s, MFU, peak memory, and the dry run's
-memory estimate next to it when pipeline/training/memory_plan.py is there. Run by jobs/gpu/gpu_check.sh.
+image codes). One JSON line per (preset, variant): tokens/s, MFU, peak memory (GB) and the dry run's
+plan (GB, pipeline/training/memory_plan.py) next to it. Run by jobs/gpu/gpu_check.sh.
 
     python jobs/gpu/gpu_check.py --presets 90m,435m --seq-len 4096 [--peak-tflops 989]
     DS_ACCELERATOR=cpu .venv/bin/python jobs/gpu/gpu_check.py --device cpu --presets tiny --seq-len 128 --steps 1
@@ -31,14 +31,15 @@ from moma.pipeline.training.engine import build_model, init_distributed, initial
 PRESET = "zero1_bf16"
 
 
-def memory_estimate(cfg: object, micro: int, seq: int) -> float | None:
-    """The dry run's per-GPU total for this layout (GB), if the memory planner is present."""
-    try:
-        from moma.pipeline.training.memory_plan import plan_memory
-    except ImportError:
-        return None
-    return round(plan_memory(cfg, world_size=1, ep_size=1, micro_batch=micro, seq_len=seq, zero_stage=1,
-                             bf16=True).total_gb, 2)
+def memory_estimate(cfg: object, micro: int, seq: int, ds_config: dict) -> dict[str, float]:
+    """The dry run's plan for this layout (GB): its items, and the total without the CUDA context /
+    NCCL allowance, which is what torch.cuda.max_memory_allocated can be compared with."""
+    from moma.pipeline.training.memory_plan import plan_memory
+
+    plan = plan_memory(cfg, world_size=1, ep_size=1, micro_batch=micro, seq_len=seq, zero_stage=1, bf16=True,
+                       ds_config=ds_config)
+    items = {k: round(v / 1e9, 2) for k, v in plan.items.items()}
+    return {**items, "total_without_overhead": round(plan.total_gb - items["overhead"], 2)}
 
 
 def measure(size: str, ffn: str, seq: int, micro: int, steps: int, peak: float, device: torch.device) -> dict:
@@ -51,7 +52,8 @@ def measure(size: str, ffn: str, seq: int, micro: int, steps: int, peak: float, 
     model = build_model(cfg, device=device, dtype=torch.bfloat16)
     run = from_dict(TrainConfig, {"parallel": {"ds_config": PRESET, "micro_batch": micro, "grad_accum": 1},
                                   "optim": {"lr": 1e-4}})
-    engine = initialize_engine(model, build_ds_config(run, world_size=1))
+    ds_config = build_ds_config(run, world_size=1)
+    engine = initialize_engine(model, ds_config)
     build_s = time.perf_counter() - t0
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, cfg.image_offset, (micro, seq + 1), device=device, generator=g)
@@ -75,8 +77,8 @@ def measure(size: str, ffn: str, seq: int, micro: int, steps: int, peak: float, 
               "ds_config": PRESET, "device": torch.cuda.get_device_name() if cuda else str(device),
               "tokens_per_s": round(tps), "gflop_per_token": round(flops / 1e9, 3),
               "mfu": round(flops * tps / (peak * 1e12), 4), "build_s": round(build_s, 1),
-              "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
-              "dry_run_estimate_gb": memory_estimate(cfg, micro, seq),
+              "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+              "dry_run_gb": memory_estimate(cfg, micro, seq, ds_config),
               "total_params_m": round(acc.total_params / 1e6, 1), "loss": round(float(out.loss.detach()), 4)}
     del engine, model, out
     gc.collect()
