@@ -14,6 +14,7 @@ identical steps agree to a tolerance only (test_a_repeated_step_is_bitwise_on_cp
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 
@@ -331,3 +332,24 @@ def test_the_auxiliary_router_fit_under_a_bf16_preset_accumulates_as_deepspeed_a
     ds = build_ds_config(cfg, 2)
     assert ds["zero_optimization"]["stage"] == 0 and "grad_accum_dtype" not in ds.get("data_types", {})
     assert ds["communication_data_type"] == "fp32"
+
+
+@pytest.mark.parametrize("accelerator,backend,cuda", [(None, None, True), ("cuda", None, True), ("cpu", None, False),
+                                                      (None, "gloo", False), ("cuda", "gloo", True),
+                                                      ("cpu", "nccl", False)])
+def test_ranks_compute_where_ds_accelerator_and_the_backend_say(monkeypatch: pytest.MonkeyPatch,
+                                                                accelerator: str | None, backend: str | None,
+                                                                cuda: bool) -> None:
+    """On a machine with a GPU (torch.cuda.is_available() made True here): DS_ACCELERATOR=cpu or a
+    gloo backend asked for without an accelerator keeps a rank on the CPU (two gloo ranks on a
+    one-GPU machine no longer call set_device(1)); otherwise the rank takes its GPU."""
+    from moma.pipeline.training.engine import uses_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "unset")  # records the original, restored after the test...
+    monkeypatch.delenv("DS_ACCELERATOR")  # ...also when uses_cuda sets it
+    if accelerator is not None:
+        monkeypatch.setenv("DS_ACCELERATOR", accelerator)
+    assert uses_cuda(backend) is cuda
+    if backend == "gloo" and accelerator is None:
+        assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed's accelerator follows, before it is chosen
