@@ -55,7 +55,7 @@ from moma.pipeline.training.engine import (
     routing_for,
 )
 from moma.pipeline.training.evaluate import evaluate, heldout_batches, progress_line
-from moma.pipeline.training.metrics import MetricsWriter, expert_load, memory_mb, routing_health
+from moma.pipeline.training.metrics import MetricsWriter, RoutingWatch, expert_load, memory_mb, routing_health
 from moma.pipeline.training.run_plan import RunPlan, check_aux_source, plan_run
 from moma.pipeline.training.stopping import StopRequest
 from moma.tokenizers.fileio import write_json_atomic
@@ -169,11 +169,11 @@ def init_loader_states(directory: Path) -> list[dict[str, Any]] | None:
 
 def train(cfg: TrainConfig, resume: str | None = None) -> int:
     run_dir, ckpt_dir = Path(cfg.run_dir), cfg.checkpoint_dir
-    if found is not None:  # every file against `complete`, each rank a share; damaged: the previous one
-        found = find_checkpoint(resume, ckpt_dir, check=verify_files_collective)
     stop = StopRequest().install()  # before the slow setup: a signal then stops after the first step
     found = find_checkpoint(resume, ckpt_dir, verify=False)  # which one: after the checksums, below
     plan, info, engine, ep_rank = setup_engine(cfg, resuming=found is not None)
+    if found is not None:  # every file against `complete`, each rank a share; damaged: the previous one
+        found = find_checkpoint(resume, ckpt_dir, check=verify_files_collective)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -259,10 +259,10 @@ def _save(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
     universal = cfg.checkpoint.universal == "always" or (final and cfg.checkpoint.universal == "final")
     if universal:
         edp_rank = groups._get_expert_data_parallel_rank(expert_group_name(cfg.parallel.ep_size)) \
-    files = gather_checksums(tag_dir)  # each rank hashes a share (from the page cache); rank 0 gets all
             if plan.model.ffn_spec.learned_routing else 0
         save_universal(engine, tag_dir, ep_rank, edp_rank)
     dist.barrier()  # every rank's files are written ...
+    files = gather_checksums(tag_dir)  # each rank hashes a share (from the page cache); rank 0 gets all
     if info.local_rank == 0:
         fsync_tree(tag_dir)  # ... and on disk (each node's ranks wrote through its page cache)
     dist.barrier()
@@ -277,6 +277,7 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
           info: Any, ep_rank: int, stop: StopRequest | None = None) -> int:
     device, gas = info.device, cfg.parallel.grad_accum
     writer = MetricsWriter(Path(cfg.run_dir), cfg.logging.tensorboard) if info.is_main else None
+    watch = RoutingWatch(cfg.logging.no_expert_warn)
     stop = stop or StopRequest().install()
     acc = plan.accounting
     bar = progress_bar(total=end, initial=progress.step, desc="train", disable=not info.is_main,
@@ -356,6 +357,9 @@ def _loop(cfg: TrainConfig, plan: RunPlan, engine: Any, loader: PackedLoader, pr
                 row["aux_router_loss"] = float(out.aux_router_loss.detach())
                 row["aux_routers"] = aux_router_summary(engine.module)
             writer.write(row)
+            warning = watch.check(progress.step, row["routing"])
+            if warning:
+                write_progress(warning)
             bar.set_postfix(loss=f"{row['loss']:.3f}", text=_fmt(row["loss_text"]), image=_fmt(row["loss_image"]))
         bar.update(1)
         preempted = sums[4] > 0
