@@ -353,3 +353,14 @@ def test_ranks_compute_where_ds_accelerator_and_the_backend_say(monkeypatch: pyt
     assert uses_cuda(backend) is cuda
     if backend == "gloo" and accelerator is None:
         assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed's accelerator follows, before it is chosen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_model_built_on_its_device_in_bf16_is_the_fp32_cpu_build_cast(device: str) -> None:
+    """build_model builds on the target device and casts before drawing the weights (no whole fp32
+    model in host memory); the values are the fp32 CPU build's, cast, to the bit."""
+    reference = build_model(small("moma_4t4i"), seed=4)
+    model = build_model(small("moma_4t4i"), seed=4, device=device, dtype=torch.bfloat16)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.device.type == device and p.dtype == torch.bfloat16, name
+        assert torch.equal(p.cpu(), q.to(torch.bfloat16)), name

@@ -10,11 +10,11 @@
 # adds up the run_step limits and the setup allowance of both scripts):
 # setup allowance: 20 s   (env.sh: pip's dry run + ~10 MB of wheels into a temp site; python imports)
 #   gpu_check.py 150 s: imports + init ~15 s; builds ~40 s (the 1.75 B-parameter 435m moma_4t4i is
-#     initialised on the CPU, ~7 GB of randn, then moved); 4 x 11 steps of 8-16 k tokens at >= 100 k
-#     tokens/s ~ 15 s; the dry run's activation measurement (1- and 2-layer models of each preset on the
+#     built on the GPU, its weights drawn on the CPU one tensor at a time); 4 x 11 steps of 8-16 k
+#     tokens at >= 100 k tokens/s ~ 15 s; the dry run's activation measurement (1- and 2-layer models of each preset on the
 #     CPU) ~20 s; i.e. ~90 s expected, the rest is margin
 #   moe_layer.py 50 s: imports ~10 s, 4 layers x 17 rounds of 32 k tokens (~1 GFLOP-class each), seconds
-#   pytest bf16 on CUDA 40 s: collection ~15 s, 9 small tests
+#   pytest bf16 on CUDA 40 s: collection ~15 s, 8 small tests
 #   sum 20 + 150 + 50 + 40 = 260 s; flops_savings.sh: 20 + 200 = 220 s; both 480 s
 #
 #   bash jobs/gpu/gpu_check.sh            # prints JSON lines; also writes them to $OUT (or /tmp)
