@@ -14,7 +14,7 @@
 #     tokens at >= 100 k tokens/s ~ 15 s; the dry run's activation measurement (1- and 2-layer models of each preset on the
 #     CPU) ~20 s; i.e. ~90 s expected, the rest is margin
 #   moe_layer.py 50 s: imports ~10 s, 4 layers x 17 rounds of 32 k tokens (~1 GFLOP-class each), seconds
-#   pytest bf16 on CUDA 40 s: collection ~15 s, 8 small tests
+#   pytest bf16 on CUDA 40 s: collection ~15 s, 11 small tests
 #   sum 20 + 150 + 50 + 40 = 260 s; flops_savings.sh: 20 + 200 = 220 s; both 480 s
 #
 #   bash jobs/gpu/gpu_check.sh            # prints JSON lines; also writes them to $OUT (or /tmp)
