@@ -13,6 +13,8 @@ Items, per rank, for DeepSpeed 0.19.8 as the presets in ds_configs/ configure it
                  counting each storage once, parameters excluded; per token per layer + per token
                  (embedding, head, loss), then x micro_batch x seq_len (flash attention keeps O(seq)
                  per token, as the CPU kernel does)
+  head_backward  the backward's largest transient: the fp32 gradient of the logits and its cast
+                 (tokens x vocab x 6 B, computed)
   overhead       CUDA context + NCCL communicators + allocator slack: 2.5 GB (an estimate)
 
     python -m moma.pipeline.training.memory_plan --preset 1.4b --ffn moma_4t4i --world-size 64 --ep 4 \
@@ -103,6 +105,7 @@ ADVICE = {"activations": "lower parallel.micro_batch (parallel.grad_accum keeps 
           "gradients": "ZeRO-2 (a zero2_* preset) or more GPUs: gradients are partitioned over them",
           "optimizer": "more GPUs (ZeRO partitions) or zero2_offload_bf16",
           "buckets": "a smaller zero_optimization.reduce_bucket_size in your DeepSpeed config",
+          "head_backward": "lower parallel.micro_batch (parallel.grad_accum keeps the batch)",
           "overhead": "the CUDA context and NCCL alone take this: a GPU this small cannot train"}
 
 
@@ -176,6 +179,9 @@ def plan_memory(cfg: ModelConfig, world_size: int, ep_size: int, micro_batch: in
     per_layer, base = activation_bytes_per_token(cfg, torch.bfloat16 if bf16 else torch.float32)
     tokens = micro_batch * seq_len
     items["activations"] = tokens * (per_layer * cfg.n_layers + base)
+    # the largest transient of the backward, on top of what is saved: the loss's fp32 gradient of the
+    # logits and its bf16 cast into the head (tokens x vocab x 6 B; computed, not measured)
+    items["head_backward"] = tokens * cfg.padded_vocab * (4 + weight_bytes)
     items["overhead"] = OVERHEAD_BYTES
     notes = [f"activations: {per_layer / 1024:.1f} KiB per token per layer + {base / 1024:.1f} KiB per token "
              f"(embedding, head, loss) x {tokens} tokens (measured on CPU with saved-tensor hooks)"]
