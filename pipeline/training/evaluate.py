@@ -9,7 +9,9 @@ read with the *run's* data settings (seq_len, shuffle buffer, open shards, keep_
 micro-batch: the same documents, windows and order for every run with the same data and settings,
 whatever the world size. It ends where every document of the first pass has been delivered once
 (`batches=None`, `moma eval`'s default): tokens of documents from a second pass that share the last
-windows are left out of the loss (labels -100), so no document counts twice, ever. `batches=N` is the
+windows are left out of the loss (labels -100), so no document counts twice, ever (several held-out
+sources mix by their token weights: the set ends when every source's first pass is in, and the later
+passes of a small source are read and left out). `batches=N` is the
 first N batches of that set; asking for more than it holds stops at its end, with a warning (never
 cycling silently). During training (`data.eval_sources`, `eval.every`, `eval.batches`) every rank
 evaluates the same set (so expert parallelism sees the same micro-batches everywhere and the figure
@@ -92,6 +94,7 @@ class _OnePass:
         self.open: list[bool] = [False] * batch_size  # whether that document goes on past the window
         self.first_epoch: dict[str, int] = {}
         self.passed: dict[str, bool] = {}
+        self.latest: dict[str, int] = {}
 
     def labels(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's labels with every target token outside the first pass set to IGNORE_INDEX."""
@@ -101,10 +104,13 @@ class _OnePass:
             source = key.split(":", 1)[0]
             first = self.first_epoch.setdefault(source, epoch)
             self.passed[source] = self.passed.get(source, False) or epoch > first
-            if epoch > first + 2:  # the first pass must have ended long ago: never loop for ever
-                raise RuntimeError(f"held-out set: source {source} is in pass {epoch - first + 1} and rows still "
-                                   f"hold first-pass tokens (a bug in the one-pass bookkeeping)")
+            self.latest[source] = max(self.latest.get(source, epoch), epoch)
             self.pending[row].append([epoch == first, 0])
+        # a source with a small share of the documents may be many passes ahead of the others; once every
+        # source is three passes on, the first pass ended long ago: never loop for ever
+        if len(self.latest) == self.sources and all(e > self.first_epoch[m] + 2 for m, e in self.latest.items()):
+            raise RuntimeError("held-out set: every source is in its fourth pass and rows still hold first-pass "
+                               "tokens (a bug in the one-pass bookkeeping)")
         for row in range(ids.shape[0]):
             last = labels[row, -1]
             window = np.append(ids[row], self.pad if last == IGNORE_INDEX else last)
