@@ -88,3 +88,14 @@ def test_the_python_api(export: Path, tmp_path: Path) -> None:
     drawn = m.generate("a boat", generate_image=True, cfg_scale=2.0)
     assert len(drawn["images"]) == 1 and not drawn["unfinished_image"]
     assert m.logits(ids).shape == (len(ids), m.model.cfg.vocab_size)
+
+
+def test_save_pretrained_writes_an_export_again(export: Path, tmp_path: Path) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export), trust_remote_code=True)
+    hf.save_pretrained(str(tmp_path / "saved"), max_shard_size="30KB")
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True)
+    ids = torch.tensor([moma.load(export).encode("a red square")])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, again(ids).logits)
+    assert (tmp_path / "saved" / "model.safetensors.index.json").exists()
+    assert moma.load(tmp_path / "saved").generate("a boat", max_new_tokens=4)["ids"]

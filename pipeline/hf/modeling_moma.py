@@ -78,6 +78,7 @@ class MomaForCausalLM(PreTrainedModel, GenerationMixin):
         self.mode = routing_mode(self.moma_config)
         self.model = Transformer(self.moma_config, ep_size=1)
         self.moma_generator = None  # set by from_pretrained (needs the export's vocabulary)
+        self.moma_source = None  # the export directory it was loaded from
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
@@ -97,10 +98,36 @@ class MomaForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config)
         model.model = load_exported(path)
         model.moma_generator = _generator(path, model.model)
+        model.moma_source = path
         dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
         if dtype not in (None, "auto"):
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()
+
+    def save_pretrained(self, save_directory, max_shard_size="5GB", **kwargs):
+        """A moma export again (clean names, shards past `max_shard_size`, the source export's
+        vocabulary, tokenizers and code), so from_pretrained, `moma.load` and `moma generate` read it."""
+        import os
+        import shutil
+        from pathlib import Path
+
+        from moma.pipeline.training.export import export_names, parse_size, write_weights
+
+        if getattr(self, "moma_source", None) is None:
+            raise ValueError("save_pretrained needs the export this model was loaded from (from_pretrained)")
+        os.makedirs(save_directory, exist_ok=True)
+        src, out = os.path.abspath(self.moma_source), os.path.abspath(save_directory)
+        state = self.model.state_dict()
+        names = export_names(state)
+        write_weights(Path(out), {names[k]: v.detach().cpu() for k, v in state.items()},
+                      {"source": src}, parse_size(max_shard_size))
+        if src != out:
+            for name in ("vocab.json", "tokenizers.json", "export.json", "configuration_moma.py", "modeling_moma.py"):
+                if os.path.exists(os.path.join(src, name)):
+                    shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+            if os.path.isdir(os.path.join(src, "tokenizers")):
+                shutil.copytree(os.path.join(src, "tokenizers"), os.path.join(out, "tokenizers"), dirs_exist_ok=True)
+        self.config.save_pretrained(out)
 
     def get_input_embeddings(self):
         return self.model.tok_embeddings
