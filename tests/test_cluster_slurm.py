@@ -98,7 +98,7 @@ def test_sbatch_trains_like_one_host(slurm: SlurmCluster, data: dict[str, Path],
 def test_usr1_preemption_requeues_itself_and_ends_like_an_uninterrupted_run(
         slurm: SlurmCluster, data: dict[str, Path], reference: Path, tmp_path: Path) -> None:
     """Twice in one run: USR1 to the batch shell -> the ranks checkpoint at the step reached -> the
-    job requeues itself and runs again within 60 s (SLURM alone would hold it ~120 s; forcing
+    job requeues itself and runs again within 60 s of that (SLURM alone holds it ~120 s; forcing
     `StartTime=now` fails the job when it lands in the requeue's second) -> resumes exactly."""
     config = write_config(run_config(data, tmp_path / "run", max_steps=STEPS), tmp_path / "run.yaml")
     log = tmp_path / "job.out"
@@ -108,22 +108,25 @@ def test_usr1_preemption_requeues_itself_and_ends_like_an_uninterrupted_run(
     for restarts, at_step in ((1, 3), (2, 8)):
         wait_steps(slurm, job, tmp_path / "run", at_step)
         slurm.client("scancel", "--signal=USR1", "--batch", job)
-        signalled = time.monotonic()
+        # the ranks finish their step, checkpoint and exit; then the job requeues itself
+        wait_for(lambda: slurm.state(job) != "RUNNING", f"job {job} to requeue itself", 300, poll=0.1)
+        requeued = time.monotonic()
 
         def back(restarts: int = restarts) -> bool:
             info = slurm.job(job)
             assert info["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED"), (info, log.read_text()[-3000:])
             return info["Restarts"] == str(restarts) and info["JobState"] == "RUNNING"
         wait_for(back, f"job {job} to run again after requeue {restarts}", 60 + 60, poll=0.2)
-        restart_s.append(time.monotonic() - signalled)
+        restart_s.append(time.monotonic() - requeued)
     assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 400) == "COMPLETED", log.read_text()[-3000:]
     TIMINGS["USR1 preemption x2"] = time.monotonic() - t
+    TIMINGS.update({f"requeue {i + 1} -> running again": s for i, s in enumerate(restart_s)})
     info = slurm.job(job)
     assert info["Restarts"] == "2" and info["ExitCode"] == "0:0"
     text = log.read_text()
     assert text.count("checkpointed at step") == 2 and text.count("resumed from") == 2, text[-3000:]
     assert text.count("requeueing job") == 2
-    assert all(s < 60 for s in restart_s), restart_s  # seconds from USR1 until running again
+    assert all(s < 60 for s in restart_s), restart_s  # seconds from the requeue until running again
     assert_same_run(reference, tmp_path / "run", STEPS)
 
 
