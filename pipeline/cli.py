@@ -553,12 +553,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or run.batch_size
     sources = tuple(DataSource.parse(d) for d in args.data)
     batches = heldout_batches(data, sources, vocab, batch_size, args.batches)
-    result, bad = nonfinite_to_null(evaluate(model_forward(model), batches, args.routing))
+    from moma.pipeline.training.metrics import RoutingHealthTotals, no_expert_warning
+
+    health = RoutingHealthTotals(model) if args.routing == "ec" and hasattr(model, "moe_gates") else None
+    result, bad = nonfinite_to_null(evaluate(model_forward(model, collect_stats=health is not None), batches,
+                                             args.routing, health=health))
     if os.environ.get("RANK", "0") != "0":  # under a launcher every rank computes the same: one line
         return 1 if bad else 0
     print(json.dumps({"model": str(args.model), "routing": args.routing, "seq_len": data.seq_len,
                       "batch_size": batch_size,
                       "whole_set": args.batches is None or len(batches) < args.batches, **result}))
+    warning = no_expert_warning(result.get("routing_health") or {}, 0.5)
+    if warning:
+        print(f"moma: warning: {warning}", file=sys.stderr)
     if bad:
         tensors = nonfinite_tensors(model)
         print(f"moma: warning: {', '.join(bad)} not finite (null above)"

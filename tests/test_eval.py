@@ -104,6 +104,10 @@ def test_moma_eval_equals_training_with_the_runs_own_data_settings(data: dict[st
             assert abs(got[key] - trained[key]) < 1e-6, (model, key, got[key], trained[key])
         assert (got["tokens_text"], got["tokens_image"], got["batches"]) == \
             (trained["tokens_text"], trained["tokens_image"], trained["batches"])
+        # routing health over the whole set: per MoE layer and group, shares of tokens by 0 / 1 / 2+ experts
+        health = got["routing_health"]
+        assert sorted(health) == [f"{i}.{g}" for i in range(2) for g in ("image", "text")]
+        assert all(abs(sum(v.values()) - 1) < 1e-3 for v in health.values())
     # the first N batches on request; more than the set holds: the set once, with a warning
     assert cli_main(["eval", str(tmp_path / "export"), "--data", str(data["captions"]), "--batches", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["batches"] == 2

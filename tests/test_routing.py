@@ -205,3 +205,29 @@ def test_routing_health_per_layer_and_the_no_expert_warning() -> None:
     assert watch.check(110, collapsed) is not None
     assert RoutingWatch(0.5).check(10, balanced) is None
     assert RoutingWatch(1.0).check(10, collapsed) is None  # 1 disables it
+
+
+def test_heldout_routing_health_is_token_weighted_over_the_set() -> None:
+    from moma.pipeline.training.evaluate import evaluate, model_forward
+    from moma.pipeline.training.metrics import RoutingHealthTotals, routing_health
+
+    model = build_model(small("moma_4t4i"), seed=0).eval()
+    batches = []
+    for seed, rows in ((1, 2), (2, 5)):  # batches of different sizes: a plain mean of shares would be wrong
+        ids = mixed_ids(rows, 24, seed=seed)
+        batches.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    per_batch = []
+    for batch in batches:  # each batch on its own, with its token counts
+        with torch.no_grad():
+            model(batch["input_ids"], routing=model.routing(batch["input_ids"], collect_stats=True))
+        per_batch.append((routing_health(model), {k: float(g.last_stats["tokens"])
+                                                   for k, g in model.moe_gates().items()}))
+    health = RoutingHealthTotals(model)
+    with torch.no_grad():
+        result = evaluate(model_forward(model, collect_stats=True), batches, health=health)
+    for key, shares in result["routing_health"].items():
+        n = sum(tokens[key] for _, tokens in per_batch)
+        for share in ("0", "1", "2+"):
+            expected = sum(h[key][share] * tokens[key] for h, tokens in per_batch) / n
+            assert shares[share] == pytest.approx(expected, abs=2e-4)
+    assert "routing_health" not in evaluate(model_forward(model), batches)  # only when asked for

@@ -170,20 +170,29 @@ Forward = Callable[[torch.Tensor, torch.Tensor, str], Any]  # (input_ids, labels
 
 @torch.no_grad()
 def evaluate(forward: Forward, batches: list[dict[str, Any]], mode: str = "ec",
-             device: torch.device | str = "cpu") -> dict[str, float | int | None]:
-    """Token-weighted cross-entropy over the set: all, text targets, image targets."""
+             device: torch.device | str = "cpu", health: Any = None) -> dict[str, Any]:
+    """Token-weighted cross-entropy over the set: all, text targets, image targets. `health`: a
+    metrics.RoutingHealthTotals fed after every forward (the forward collecting routing statistics):
+    the result then has `routing_health`, per MoE layer and group the share of tokens no expert, one
+    and two or more experts took over the whole set."""
     ce = {"text": 0.0, "image": 0.0}
     tokens = {"text": 0, "image": 0}
     for batch in batches:
         out = forward(batch["input_ids"].to(device), batch["labels"].to(device), mode)
+        if health is not None:
+            health.add()
         for m in ce:
             ce[m] += float(out.ce_sum[m])
             tokens[m] += int(out.tokens[m])
     n = tokens["text"] + tokens["image"]
-    return {"loss": (ce["text"] + ce["image"]) / n if n else None,
-            "loss_text": ce["text"] / tokens["text"] if tokens["text"] else None,
-            "loss_image": ce["image"] / tokens["image"] if tokens["image"] else None,
-            "tokens_text": tokens["text"], "tokens_image": tokens["image"], "batches": len(batches)}
+    result: dict[str, Any] = {
+        "loss": (ce["text"] + ce["image"]) / n if n else None,
+        "loss_text": ce["text"] / tokens["text"] if tokens["text"] else None,
+        "loss_image": ce["image"] / tokens["image"] if tokens["image"] else None,
+        "tokens_text": tokens["text"], "tokens_image": tokens["image"], "batches": len(batches)}
+    if health is not None and health.shares():
+        result["routing_health"] = health.shares()
+    return result
 
 
 def nonfinite_to_null(result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -192,10 +201,10 @@ def nonfinite_to_null(result: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return {k: (None if k in bad else v) for k, v in result.items()}, bad
 
 
-def model_forward(model: torch.nn.Module) -> Forward:
-    """A one-process model's forward in a routing mode."""
+def model_forward(model: torch.nn.Module, collect_stats: bool = False) -> Forward:
+    """A one-process model's forward in a routing mode (`collect_stats`: routing statistics too)."""
     def forward(ids: torch.Tensor, labels: torch.Tensor, mode: str) -> Any:
-        routing = model.routing(ids, mode=mode) if hasattr(model, "routing") else None
+        routing = model.routing(ids, collect_stats=collect_stats, mode=mode) if hasattr(model, "routing") else None
         return model(ids, labels, routing=routing)
 
     return forward

@@ -93,6 +93,28 @@ def no_expert_warning(health: dict[str, dict[str, float]], threshold: float) -> 
             f"or router_assign=balanced")
 
 
+class RoutingHealthTotals:
+    """`routing_health` token-weighted over many forwards (`moma eval`'s whole held-out set): call
+    `add()` after each forward made with routing statistics on."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.sums: dict[str, list[float]] = {}  # key -> [tokens, no expert, one, two or more]
+
+    def add(self) -> None:
+        for key, gate in self.model.moe_gates().items():
+            stats, gate.last_stats = gate.last_stats, {}  # consumed: a layer with no statistics adds nothing
+            if stats:
+                n = float(stats["tokens"])
+                acc = self.sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                for i, v in enumerate((1.0, stats["picked_0"], stats["picked_1"], stats["picked_2plus"])):
+                    acc[i] += n * float(v)
+
+    def shares(self) -> dict[str, dict[str, float]]:
+        return {key: {"0": round(a[1] / a[0], 4), "1": round(a[2] / a[0], 4), "2+": round(a[3] / a[0], 4)}
+                for key, a in self.sums.items() if a[0]}
+
+
 class RoutingWatch:
     """`no_expert_warning` at most once every `every` steps (statistics are logged every step in
     short runs; the warning is for a person reading the log)."""
