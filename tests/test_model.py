@@ -12,8 +12,8 @@ from model_fixtures import mixed_ids, small
 
 from moma.pipeline.model.accounting import count
 from moma.pipeline.model.config import FFN_VARIANTS, SIZES, ModelConfig, parse_ffn, preset
-from moma.pipeline.model.ffn import GroupedMoEFFN
 from moma.pipeline.model.deepspeed_gates import ExpertChoiceGate, TokenChoiceGate
+from moma.pipeline.model.ffn import GroupedMoEFFN
 from moma.pipeline.model.transformer import IGNORE_INDEX, Transformer
 from moma.pipeline.training.engine import build_model, configure_accelerator
 from moma.pipeline.training.expert_layout import ParallelConfigError, check_parallel_layout

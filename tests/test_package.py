@@ -82,14 +82,14 @@ def test_help_of_every_command_answers_without_importing_torch() -> None:
         "import sys, time, contextlib, io\n"
         "t = time.process_time()\n"
         "from moma.pipeline.cli import main\n"
-        "for argv in {commands!r}:\n"
+        f"for argv in {[list(c) for c in commands]!r}:\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
         "        try:\n"
         "            main([*argv, '--help'])\n"
         "        except SystemExit:\n"
         "            pass\n"
         "print('torch' in sys.modules, time.process_time() - t)\n"
-    ).format(commands=[list(c) for c in commands])
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False", "a --help imported torch"
     # CPU seconds for every command's help together (each alone answers well under 1 s; with torch: ~5 s)
