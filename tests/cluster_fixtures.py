@@ -120,6 +120,9 @@ class Daemons:
                 tail = (self.root / f"{name}.out").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
 
+    def kill_leftovers(self) -> None:
+        """Processes of the cluster that kill_tagged cannot see (none here)."""
+
     @staticmethod
     def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         try:  # the whole session's group: the daemon outlives its `timeout` if that was killed alone
@@ -139,6 +142,7 @@ class Daemons:
             self._signal_group(proc, signal.SIGKILL)  # whatever of the group is left
             proc.wait(timeout=10)
         kill_tagged(str(self.root))  # whatever they started: job steps, ssh sessions, ranks
+        self.kill_leftovers()
         if not os.environ.get("MOMA_KEEP_CLUSTER"):  # set it to keep the daemons' logs
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -279,7 +283,21 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         if self.procs and all(p.poll() is None for _, p in self.procs):
             subprocess.run(["scancel", "--full", "--user", psutil.Process().username()], env=self.env,
                            capture_output=True, timeout=30)
+            try:  # let slurmd end the jobs' steps itself
+                wait_for(lambda: not subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True,
+                                                    timeout=30).stdout.strip(), "the queue to empty", 40, poll=0.5)
+            except (TimeoutError, subprocess.TimeoutExpired):
+                pass
         super().stop()
+
+    def kill_leftovers(self) -> None:
+        # a job step's slurmstepd outliving slurmd (its title hides its environment): it holds our logs
+        for p in psutil.process_iter(["name"]):
+            try:
+                if p.info["name"] == "slurmstepd" and any(f.path.startswith(str(self.root)) for f in p.open_files()):
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
 
     def client(self, *cmd: str, check: bool = True, timeout: float = 60, cwd: Path | None = None,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
