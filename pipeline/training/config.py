@@ -70,7 +70,7 @@ class ParallelConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every: int = 100
+    every: int = 100  # steps between checkpoints; 0: only at the end of each launch (and at a stop)
     keep: int = 3
     dir: str | None = None  # default: <run_dir>/checkpoints
     # the layout-free copy (resume on another world / expert-parallel size): "final" = at the last save of
@@ -84,6 +84,9 @@ class LoggingConfig:
     tensorboard: bool = False
     peak_flops: float | None = None  # per device, for MFU (e.g. 989e12 for H100 bf16 dense)
     progress_seconds: float = 10.0  # a plain progress line this often when stderr is not a terminal
+    # warn when a layer group leaves more than this share of its tokens to no expert (routing health);
+    # expert choice at capacity factor 1 starts near 0.32 with 4 experts ranked by sigmoid; 1 disables it
+    no_expert_warn: float = 0.5
 
 
 @dataclasses.dataclass
