@@ -38,14 +38,23 @@ HUGE_INT = 10**12
 
 
 def leaves(cls: type, prefix: str = "") -> list[tuple[str, str]]:
-    """(key, kind) of every setting: int, float, bool or choice (str); model.overrides are the model's."""
+    """(key, kind) of every setting: int, float, bool or choice (str, Literal); model.overrides: every
+    ModelConfig field a run may set."""
+    from moma.pipeline.config_parsing import _resolve
+
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
             out += leaves(tp, key + ".")
-        elif key not in NOT_HERE and not f.metadata.get("fields_of"):
+        elif f.metadata.get("fields_of"):
+            inner = leaves(_resolve(f.metadata["fields_of"]), key + ".")
+            out += [(k, kind) for k, kind in inner if k.rsplit(".", 1)[1] not in f.metadata["exclude"]]
+        elif key not in NOT_HERE:
+            if typing.get_origin(tp) is typing.Literal:
+                out.append((key, "choice"))
+                continue
             base = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
             out.append((key, {int: "int", float: "float", bool: "bool", str: "choice"}[base[0]]))
     return out
@@ -65,7 +74,8 @@ RUNS: list[dict[str, tuple[str, str]]] = [
     {"max_nonfinite_in_a_row": ("huge", str(HUGE_INT)), "optim.grad_clip": ("huge", "1.0e+30"),
      "schedule.warmup_steps": ("huge", str(HUGE_INT)), "checkpoint.every": ("huge", str(HUGE_INT)),
      "checkpoint.keep": ("huge", str(HUGE_INT)), "logging.every": ("huge", str(HUGE_INT)),
-     "logging.progress_seconds": ("huge", "1.0e+30")},
+     "logging.progress_seconds": ("huge", "1.0e+30"), "model.overrides.aux_loss_weight": ("zero", "0"),
+     "model.overrides.z_loss_weight": ("zero", "0"), "model.overrides.router_noise": ("zero", "0")},
 ]
 COVERED = {(key, kind) for run in RUNS for key, (kind, _) in run.items()}
 
@@ -107,7 +117,7 @@ def test_every_setting_kind_is_known() -> None:
     assert all(key in keys for run in RUNS for key in run)  # no run names a setting that is gone
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_each_value_is_refused_naming_its_key_or_runs(config: Path, data: st.DataObject) -> None:
     key, kind = data.draw(st.sampled_from(FIELDS), label="setting")

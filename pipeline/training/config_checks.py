@@ -76,10 +76,41 @@ FLOAT_RANGES: dict[str, tuple[float | None, float | None, str, bool]] = {  # ...
 }
 
 
+# model.overrides (ModelConfig fields; the model checks how they combine): sanity bounds, so that
+# `--check` neither hangs (n_layers 2^32: the accounting loops over layers) nor passes a model no
+# device can hold; key: (lowest, highest, lowest excluded)
+MODEL_RANGES: dict[str, tuple[float, float, bool]] = {
+    "d_model": (1, 2**16, False), "n_layers": (1, 1024, False), "n_heads": (1, 1024, False),
+    "ffn_hidden": (1, 2**20, False), "token_choice_k": (1, 1024, False), "max_seq_len": (1, 2**24, False),
+    "pad_vocab_multiple": (1, 2**16, False), "capacity_factor": (0.0, 1024.0, True),
+    "aux_loss_weight": (0.0, 100.0, False), "z_loss_weight": (0.0, 100.0, False), "rope_theta": (0.0, 1e12, True),
+    "norm_eps": (0.0, 1.0, True), "init_std": (0.0, 1.0, True), "mod_capacity": (0.0, 1.0, True),
+    "router_noise": (0.0, 100.0, False), "router_noise_temperature": (0.0, 100.0, True),
+}
+
+
+def check_model_overrides(overrides: dict[str, Any]) -> None:
+    """Each model override within its bounds, and each choice one of its choices."""
+    import typing
+
+    from moma.pipeline.model.config import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    for name, value in overrides.items():
+        key = f"model.overrides.{name}"
+        choices = typing.get_args(hints.get(name)) if typing.get_origin(hints.get(name)) is typing.Literal else ()
+        if choices and value not in choices:
+            raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(str, choices))}")
+        if name in MODEL_RANGES and isinstance(value, (int, float)):
+            lo, hi, lo_open = MODEL_RANGES[name]
+            _in(key, value, lo, hi, "", lo_open)
+
+
 def check_settings(cfg: Any, world_size: int | None = None) -> None:
     """Raise ConfigError naming the first setting out of its range (or choices)."""
     from moma.pipeline.model.config import SIZES, parse_ffn
 
+    check_model_overrides(cfg.model.overrides)
     if cfg.model.preset not in SIZES:
         raise ConfigError(f"model.preset: unknown model preset {cfg.model.preset!r}; choose one of {sorted(SIZES)}")
     try:
