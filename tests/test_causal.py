@@ -41,8 +41,12 @@ def test_causal_logits_at_t_do_not_depend_on_later_tokens(ffn: str, mode: dict[s
     with torch.no_grad():
         causal = [model(x, routing=model.routing(x, mode="causal")).logits for x in (a, b)]
         ec = [model(x).logits for x in (a, b)]
-    assert torch.equal(causal[0][:, :t + 1], causal[1][:, :t + 1])  # exact, fp32
-    assert not torch.equal(ec[0][:, :t + 1], ec[1][:, :t + 1])  # the same test fails under expert choice
+    # fp32: equal but for the last bits a multi-threaded GEMM may give a row when the other rows of an
+    # expert's batch change (its kernel and split depend on the row count); routing changes far more
+    causal_diff = float((causal[0][:, :t + 1] - causal[1][:, :t + 1]).abs().max())
+    ec_diff = float((ec[0][:, :t + 1] - ec[1][:, :t + 1]).abs().max())
+    assert causal_diff < 1e-5, causal_diff
+    assert ec_diff > 1e-3, ec_diff  # the same test fails under expert choice
     assert not torch.equal(causal[0][:, t + 1:], causal[1][:, t + 1:])  # (the later positions did change)
     one = a[:, :1]  # and one token at a time is allowed in causal mode
     assert model(one, routing=model.routing(one, mode="causal")).logits.shape[1] == 1
