@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ]; then
     "${pip[@]}" "setuptools>=68" wheel
     # deepspeed ships as an sdist whose setup.py imports torch: build it against the torch above.
     "${pip[@]}" --no-build-isolation "deepspeed==0.19.8"
-    "${pip[@]}" -e ".[test]"
+    "${pip[@]}" -e ".[test,tensorboard]"
     rm -f .venv/.moma-setup-*
     touch "$stamp"
 fi
