@@ -370,3 +370,14 @@ if __name__ == "__main__":
         pass
     finally:
         cluster.stop()
+
+
+def one_host_reference(data: dict[str, Path], d: Path, steps: int) -> Path:
+    """The uninterrupted one-host run every cluster scenario is compared with: the deepspeed launcher,
+    2 gloo ranks, `steps` steps; returns its run directory."""
+    from launch_fixtures import run_deepspeed
+    from training_fixtures import run_config, write_config
+
+    config = write_config(run_config(data, d / "run", max_steps=steps), d / "run.yaml")
+    run_deepspeed(["--module", "moma.pipeline.cli", "train", str(config), "--resume", "auto"], log=d / "log")
+    return d / "run"

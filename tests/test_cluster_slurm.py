@@ -22,8 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_fixtures import INSTALL, SLURM_TOOLS, SlurmCluster, assert_same_run, cluster_dir, missing, wait_for
-from launch_fixtures import REPO, VENV_BIN, run_deepspeed
+from cluster_fixtures import (
+    INSTALL,
+    SLURM_TOOLS,
+    SlurmCluster,
+    assert_same_run,
+    cluster_dir,
+    missing,
+    one_host_reference,
+    wait_for,
+)
+from launch_fixtures import REPO, VENV_BIN
 from training_fixtures import make_training_data, run_config, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed,
@@ -56,10 +65,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reference(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted one-host run: deepspeed launcher, 2 gloo ranks."""
-    d = tmp_path_factory.mktemp("reference")
-    config = write_config(run_config(data, d / "run", max_steps=STEPS), d / "run.yaml")
-    run_deepspeed(["--module", "moma.pipeline.cli", "train", str(config), "--resume", "auto"], log=d / "log")
-    return d / "run"
+    return one_host_reference(data, tmp_path_factory.mktemp("reference"), STEPS)
 
 
 def submit(slurm: SlurmCluster, config: Path, log: Path) -> str:

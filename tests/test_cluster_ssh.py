@@ -32,9 +32,10 @@ from cluster_fixtures import (
     free_port,
     kill_tagged,
     missing,
+    one_host_reference,
     wait_for,
 )
-from launch_fixtures import REPO, run_deepspeed
+from launch_fixtures import REPO
 from training_fixtures import make_training_data, run_config, write_config
 
 STEPS = 8
@@ -65,10 +66,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reference(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one-host run: deepspeed launcher, 2 gloo ranks."""
-    d = tmp_path_factory.mktemp("reference")
-    config = write_config(run_config(data, d / "run", max_steps=STEPS), d / "run.yaml")
-    run_deepspeed(["--module", "moma.pipeline.cli", "train", str(config), "--resume", "auto"], log=d / "log")
-    return d / "run"
+    return one_host_reference(data, tmp_path_factory.mktemp("reference"), STEPS)
 
 
 def launch(hosts: SshHosts, workdir: Path, config: Path, log: Path) -> subprocess.Popen:

@@ -174,8 +174,13 @@ def plot(run_dir: str | Path) -> Path:
     axes[1].plot(steps, [r.get("lr", float("nan")) for r in rows])
     axes[1].set_xlabel("step")
     axes[1].set_title("learning rate")
+    return _save_figure(fig, run_dir / "plots" / "loss.png")
+
+
+def _save_figure(fig: Any, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    out = run_dir / "plots" / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -221,12 +226,7 @@ def plot_heldout(run_dir: str | Path) -> Path | None:
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.set_title("held-out loss by modality")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = run_dir / "plots" / "heldout.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, run_dir / "plots" / "heldout.png")
 
 
 def check_logging(logging_cfg: Any) -> None:
