@@ -127,9 +127,6 @@ def check_settings(cfg: Any, world_size: int | None = None) -> None:
     if cfg.optim.lr * cfg.optim.weight_decay >= 1:
         raise ConfigError(f"optim.weight_decay = {cfg.optim.weight_decay}: with optim.lr {cfg.optim.lr} each step "
                           f"would scale the weights by 1 - lr x weight_decay <= 0; lower it")
-    if world_size is not None and world_size % cfg.parallel.ep_size:
-        raise ConfigError(f"parallel.ep_size: world size {world_size} is not a multiple of expert-parallel size "
-                          f"{cfg.parallel.ep_size}")
     tokens = cfg.parallel.micro_batch * cfg.data.seq_len
     if tokens > MAX_MICRO_TOKENS:
         raise ConfigError(f"parallel.micro_batch {cfg.parallel.micro_batch} x data.seq_len {cfg.data.seq_len} = "

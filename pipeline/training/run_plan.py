@@ -212,6 +212,9 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
             raise ConfigError("init_from and aux_routers_from exclude each other (the auxiliary-router fit loads "
                               "its own model)")
         check_init_source(cfg.init_from, model)
+    if world_size % cfg.parallel.ep_size:  # after the model checks: a model mismatch is the first thing to fix
+        raise ConfigError(f"parallel.ep_size: world size {world_size} is not a multiple of expert-parallel size "
+                          f"{cfg.parallel.ep_size}")
     ds = build_ds_config(cfg, world_size)
     try:
         check_parallel_layout(model, cfg.parallel.ep_size, world_size, zero_stage(ds))
