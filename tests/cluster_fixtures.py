@@ -23,6 +23,7 @@ waits ~120 s before it may start again unless `scontrol update jobid=J StartTime
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -30,9 +31,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+
+D = typing.TypeVar("D", bound="Daemons")
 
 TAG = "MOMA_TEST_CLUSTER"  # in the environment of every process a cluster starts, so stop() finds them all
 DAEMON_LIMIT_S = 3600  # `timeout` for every daemon: an aborted test run cannot leave one for longer
@@ -370,6 +375,20 @@ if __name__ == "__main__":
         pass
     finally:
         cluster.stop()
+
+
+@contextlib.contextmanager
+def running(daemons: D, label: str, timings: dict[str, float]) -> Iterator[D]:
+    """A module's daemons, started (timed into `timings`) and always stopped; the scenario wall times
+    are printed at the end (`pytest -s` shows them)."""
+    try:
+        t = time.monotonic()
+        daemons.start_all()
+        timings[f"{label} start"] = time.monotonic() - t
+        yield daemons
+    finally:
+        daemons.stop()
+        print(f"\n{label} scenario wall times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
 
 def one_host_reference(data: dict[str, Path], d: Path, steps: int) -> Path:

@@ -30,6 +30,7 @@ from cluster_fixtures import (
     cluster_dir,
     missing,
     one_host_reference,
+    running,
     wait_for,
 )
 from launch_fixtures import REPO, VENV_BIN
@@ -46,15 +47,8 @@ TIMINGS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster(cluster_dir("moma-slurm-"))
-    try:
-        t = time.monotonic()
-        cluster.start_all()
-        TIMINGS["cluster start"] = time.monotonic() - t
+    with running(SlurmCluster(cluster_dir("moma-slurm-")), "SLURM", TIMINGS) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        print("\nSLURM scenario wall times: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from cluster_fixtures import (
     kill_tagged,
     missing,
     one_host_reference,
+    running,
     wait_for,
 )
 from launch_fixtures import REPO
@@ -47,15 +48,8 @@ TIMINGS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[SshHosts]:
-    ssh = SshHosts(cluster_dir("moma-ssh-"))
-    try:
-        t = time.monotonic()
-        ssh.start_all()
-        TIMINGS["sshd start"] = time.monotonic() - t
+    with running(SshHosts(cluster_dir("moma-ssh-")), "multi-host", TIMINGS) as ssh:
         yield ssh
-    finally:
-        ssh.stop()
-        print("\nmulti-host scenario wall times: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
 
 
 @pytest.fixture(scope="module")
